@@ -1,0 +1,66 @@
+"""The paper's losses: residual regularisation L_rr, perceptual L_ps (LPIPS), anti-forwarding L_A."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from kornia.color import rgb_to_yuv
+
+#: StegaStamp's YUV weights: chroma changes are far more visible per unit than luma changes.
+YUV_WEIGHTS = (1.0, 100.0, 100.0)
+
+
+def yuv_mse(stamped: torch.Tensor, original: torch.Tensor, weights=YUV_WEIGHTS) -> torch.Tensor:
+    """Σ_c w_c · mean((YUV(x') - YUV(x))_c²), both (B,3,H,W) in [0,1] → scalar."""
+    diff = rgb_to_yuv(stamped) - rgb_to_yuv(original)
+    per_channel = diff.pow(2).mean(dim=(0, 2, 3))
+    return (per_channel * per_channel.new_tensor(weights)).sum()
+
+
+def residual_regularisation(stamped, original, residual, l1_weight: float = 1.0) -> torch.Tensor:
+    """L_rr: YUV-weighted MSE between x' and x plus l1_weight · mean |δ|."""
+    return yuv_mse(stamped, original) + l1_weight * residual.abs().mean()
+
+
+def load_lpips(device, log=print):
+    """LPIPS (AlexNet) as a frozen module taking [0,1] images, or None with one line saying why.
+
+    Its AlexNet backbone comes from torchvision's download cache; without it there is no LPIPS. A random
+    backbone (lpips' pnet_rand) would give a number that is not LPIPS, so we never fall back to one.
+    """
+    try:
+        import lpips
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's 'pretrained' deprecation, from inside lpips
+            model = lpips.LPIPS(net="alex", verbose=False)
+    except Exception as e:  # no network, no cache, corrupt cache: all mean the same to the user
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log(f"LPIPS unavailable, so L_ps is off and LPIPS is not reported: torchvision could not load the "
+            f"AlexNet weights ({reason}). To enable it, put alexnet-owt-7be5be79.pth in "
+            f"{torch.hub.get_dir()}/checkpoints/.")
+        return None
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+def perceptual_loss(lpips_model, stamped, original) -> torch.Tensor:
+    """L_ps: mean LPIPS distance between x' and x, images in [0,1]."""
+    return lpips_model(stamped, original, normalize=True).mean()
+
+
+@dataclass
+class View:
+    """One batch that the scanner is trained to classify: `images` (2B,3,H,W) = some transform of [x, x'],
+    labelled [0]*B + [1]*B, contributing `weight` · cross-entropy to L_A."""
+
+    name: str
+    images: torch.Tensor
+    weight: float = 1.0
+
+
+def pair_labels(batch_size: int, device) -> torch.Tensor:
+    """Labels of the stacked pair [x, x']: B zeros (clean) then B ones (stamped)."""
+    return torch.cat([torch.zeros(batch_size, dtype=torch.long), torch.ones(batch_size, dtype=torch.long)]).to(device)

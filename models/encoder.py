@@ -1,0 +1,83 @@
+"""Stamp encoder E: a StegaStamp-shaped U-Net that maps an image to an invisible residual.
+
+The stamp carries no message (zero-bit watermark), so unlike StegaStamp there is no secret input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: Channels of StegaStamp's encoder, down path (conv1..conv5); the up path mirrors it.
+STEGASTAMP_CHANNELS = (32, 32, 64, 128, 256)
+
+
+@dataclass
+class StampEncoderConfig:
+    """Architecture of the stamp encoder; saved beside its weights.
+
+    width: multiplier on STEGASTAMP_CHANNELS (1.0 = StegaStamp's 32-32-64-128-256).
+    max_residual: bound on |δ| per pixel and channel, in [0,1] pixel units (δ = max_residual·tanh(·)).
+        Unbounded residuals blow up while the scanner is still learning; the image losses then pull δ
+        far below this bound.
+    padding_mode: 'replicate' (default) or 'zeros'. Zero padding tells every layer where the image border
+        is, and the encoder learns to hide the stamp in a visible stripe along it, which any crop removes.
+        Replicate padding keeps the network blind to position: a flat image gets a flat residual.
+    """
+
+    width: float = 1.0
+    max_residual: float = 0.05
+    padding_mode: str = "replicate"
+
+    def channels(self) -> tuple[int, ...]:
+        return tuple(max(1, round(c * self.width)) for c in STEGASTAMP_CHANNELS)
+
+
+def _conv(cin: int, cout: int, padding_mode: str, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, padding_mode=padding_mode),
+        nn.ReLU(inplace=True),
+    )
+
+
+class StampEncoder(nn.Module):
+    """U-Net: image x (B,3,H,W) in [0,1], any H and W ≥ 1 → residual δ (B,3,H,W), |δ| ≤ max_residual.
+
+    Down: 3→c1 (stride 1), c1→c2→c3→c4→c5 (stride 2 each). Up: nearest upsampling to the skip's exact
+    size (so odd sizes work), conv, concatenation with the skip, conv. The last stage also sees the input.
+    """
+
+    def __init__(self, config: StampEncoderConfig | None = None):
+        super().__init__()
+        self.config = config = config or StampEncoderConfig()
+        c1, c2, c3, c4, c5 = config.channels()
+        pm = config.padding_mode
+        self.down = nn.ModuleList(
+            [_conv(3, c1, pm), _conv(c1, c2, pm, 2), _conv(c2, c3, pm, 2), _conv(c3, c4, pm, 2), _conv(c4, c5, pm, 2)]
+        )
+        # (channels coming up, skip channels, output channels) for each up stage
+        stages = [(c5, c4, c4), (c4, c3, c3), (c3, c2, c2), (c2, c1 + 3, c1)]
+        self.up_convs = nn.ModuleList([_conv(cin, cout, pm) for cin, _, cout in stages])
+        self.merge_convs = nn.ModuleList([_conv(cout + skip, cout, pm) for _, skip, cout in stages])
+        # Default (random) initialisation on purpose: a zero-initialised output starts from δ = 0, where the
+        # scanner has nothing to learn from and the encoder no direction to grow in; training stalls.
+        self.to_residual = nn.Conv2d(c1, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x - 0.5
+        feats = []
+        for conv in self.down:
+            h = conv(h)
+            feats.append(h)
+        # As in StegaStamp, the input itself joins the last skip connection.
+        skips = [feats[3], feats[2], feats[1], torch.cat([feats[0], x - 0.5], 1)]
+        for up_conv, merge_conv, skip in zip(self.up_convs, self.merge_convs, skips):
+            h = up_conv(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
+            h = merge_conv(torch.cat([skip, h], 1))
+        return self.config.max_residual * torch.tanh(self.to_residual(h))
+
+    def stamp(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B,3,H,W) in [0,1] → stamped x' = clamp(x + δ, 0, 1)."""
+        return (x + self(x)).clamp(0, 1)

@@ -1,0 +1,117 @@
+"""Stamp encoder and scanner: shapes on odd sizes, gradients, border-blindness, configs, saved weights."""
+import json
+
+import pytest
+import torch
+import torchvision
+
+from models import Scanner, ScannerConfig, StampEncoder, StampEncoderConfig, load_pretrained, save_pretrained
+
+TINY_ENCODER = StampEncoderConfig(width=0.25)
+
+
+def _randomise_output_layer(encoder):
+    # A large output layer: a residual far from zero, to test the structure with.
+    torch.manual_seed(0)
+    torch.nn.init.normal_(encoder.to_residual.weight, std=1.0)
+
+
+@pytest.mark.parametrize("size", [(67, 93), (1, 1), (5, 33), (64, 64)])
+def test_encoder_shape_bound_and_gradients_on_odd_sizes(size):
+    encoder = StampEncoder(TINY_ENCODER)
+    _randomise_output_layer(encoder)
+    x = torch.rand(2, 3, *size, requires_grad=True)
+    residual = encoder(x)
+    assert residual.shape == x.shape
+    assert residual.abs().max() <= TINY_ENCODER.max_residual + 1e-7
+    stamped = encoder.stamp(x)
+    assert stamped.min() >= 0 and stamped.max() <= 1
+    residual.pow(2).sum().backward()
+    grads = [p.grad for p in encoder.parameters()] + [x.grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["narrow", "resnet18"])
+@pytest.mark.parametrize("size", [(67, 93), (1, 1), (33, 17)])
+def test_scanner_two_logits_on_any_size_with_gradients(arch, size):
+    scanner = Scanner(ScannerConfig(arch))
+    x = torch.rand(2, 3, *size, requires_grad=True)
+    logits = scanner(x)
+    assert logits.shape == (2, 2)
+    logits[:, 1].sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_resnet18_scanner_is_torchvisions_resnet18():
+    ours = Scanner(ScannerConfig("resnet18"))
+    theirs = torchvision.models.resnet18(num_classes=2)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(theirs.state_dict())  # strict: same names, same shapes
+
+
+def test_narrow_scanner_is_much_smaller():
+    narrow = sum(p.numel() for p in Scanner(ScannerConfig("narrow")).parameters())
+    full = sum(p.numel() for p in Scanner(ScannerConfig("resnet18")).parameters())
+    assert narrow * 10 < full
+
+
+def test_unknown_scanner_arch_is_refused_by_name():
+    with pytest.raises(ValueError, match="resnet999"):
+        ScannerConfig("resnet999")
+
+
+def test_encoder_width_multiplier_scales_channels():
+    assert StampEncoderConfig(width=1.0).channels() == (32, 32, 64, 128, 256)
+    assert StampEncoderConfig(width=0.5).channels() == (16, 16, 32, 64, 128)
+
+
+def test_replicate_padding_keeps_the_encoder_blind_to_the_border():
+    """The border-stripe pitfall: with zero padding a flat image gets a residual that differs at the border,
+    i.e. the network knows where the border is. With replicate padding it cannot."""
+    x = torch.full((1, 3, 48, 40), 0.4)
+    for padding_mode, blind in (("replicate", True), ("zeros", False)):
+        encoder = StampEncoder(StampEncoderConfig(width=0.25, padding_mode=padding_mode))
+        _randomise_output_layer(encoder)
+        with torch.no_grad():
+            residual = encoder(x)
+        spread = (residual - residual[..., 24:25, 20:21]).abs().max().item()
+        assert (spread < 1e-6) == blind, (padding_mode, spread)
+
+
+def test_replicate_padding_keeps_the_scanner_blind_to_the_border():
+    # A flat image and a larger flat image give the same logits: no position signal from padding.
+    scanner = Scanner(ScannerConfig("narrow")).eval()
+    with torch.no_grad():
+        small = scanner(torch.full((1, 3, 64, 64), 0.7))
+        large = scanner(torch.full((1, 3, 128, 96), 0.7))
+    assert torch.allclose(small, large, atol=1e-5)
+
+
+def test_save_and_load_pretrained_round_trip(tmp_path):
+    encoder, scanner = StampEncoder(TINY_ENCODER), Scanner(ScannerConfig("narrow"))
+    _randomise_output_layer(encoder)
+    save_pretrained(tmp_path, encoder, scanner, extra={"step": 7})
+    encoder2, scanner2, config = load_pretrained(tmp_path)
+    assert config["step"] == 7 and encoder2.config == TINY_ENCODER and scanner2.config.arch == "narrow"
+    x = torch.rand(1, 3, 37, 41)
+    with torch.no_grad():
+        assert torch.equal(encoder.eval()(x), encoder2(x))
+        assert torch.equal(scanner.eval()(x), scanner2(x))
+
+
+def test_load_pretrained_refuses_mismatched_config_naming_the_file(tmp_path):
+    save_pretrained(tmp_path, StampEncoder(TINY_ENCODER), Scanner(ScannerConfig("narrow")))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["scanner"]["arch"] = "resnet18"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"scanner\.safetensors: weights do not match the Scanner config"):
+        load_pretrained(tmp_path)
+
+
+def test_load_pretrained_refuses_corrupted_weights(tmp_path):
+    save_pretrained(tmp_path, StampEncoder(TINY_ENCODER), Scanner(ScannerConfig("narrow")))
+    path = tmp_path / "encoder.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="encoder.safetensors: not a readable safetensors file"):
+        load_pretrained(tmp_path)
