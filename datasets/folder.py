@@ -95,7 +95,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, paths: Union[Iterable[PathLike], PathLike], size: Optional[int],
                  mode: str = "random", cache: Optional[bool] = None, min_side: int = 2,
-                 max_tiles_per_image: Optional[int] = None) -> None:
+                 max_tiles_per_image: Optional[int] = None, max_crop_scale: float = 1.0) -> None:
         """
         Args:
             paths: image files, or one directory/file to search with
@@ -108,6 +108,10 @@ class ImageFolderDataset(Dataset):
             min_side: images with a smaller width or height are skipped.
             max_tiles_per_image: with ``mode="grid"``, at most this many tiles
                 per image; ``None`` keeps all.
+            max_crop_scale: with ``mode="random"``, the crop window covers between 1 and
+                this many times ``size`` pixels per side of the source photo (uniformly
+                drawn) and is resized to ``size``: scale jitter, so a few photos give
+                content at many scales. 1 keeps native resolution.
 
         Raises:
             ValueError: invalid ``mode``, ``size`` or ``max_tiles_per_image``.
@@ -122,8 +126,13 @@ class ImageFolderDataset(Dataset):
                 raise ValueError("ImageFolderDataset: max_tiles_per_image only applies "
                                  f"to mode='grid', not mode={mode!r}")
             max_tiles_per_image = _positive_int("max_tiles_per_image", max_tiles_per_image)
+        if not max_crop_scale >= 1.0:
+            raise ValueError(f"ImageFolderDataset: max_crop_scale must be ≥ 1, got {max_crop_scale}")
+        if max_crop_scale != 1.0 and mode != "random":
+            raise ValueError(f"ImageFolderDataset: max_crop_scale only applies to mode='random', not {mode!r}")
         self.mode = mode
         self.size = size
+        self.max_crop_scale = max_crop_scale
         self.min_side = min_side
         self.max_tiles_per_image = max_tiles_per_image
 
@@ -243,7 +252,8 @@ class ImageFolderDataset(Dataset):
         # In source pixels the window is `size`, or the short side when the
         # image is smaller: upscaling that square equals upscaling the image
         # first and then cropping.
-        side = min(self.size, height, width)
+        scale = 1.0 + (self.max_crop_scale - 1.0) * float(torch.rand(()))
+        side = min(round(self.size * scale), height, width)
         top = int(torch.randint(0, height - side + 1, ()))
         left = int(torch.randint(0, width - side + 1, ()))
         return self._finish(pixels[:, top:top + side, left:left + side])

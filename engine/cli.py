@@ -2,58 +2,59 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from models.scanner import ARCHS
 
 #: Flags that may change between a run and its resumption without a warning.
-RESUMABLE_FLAGS = {"max_step", "device", "log_every", "val_every", "save_every", "workers", "val_images",
+RESUMABLE_FLAGS = {"max_step", "device", "log_every", "val_every", "save_every", "workers", "val_images", "eval_size",
                    "test_images", "results_dir"}
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be ≥ 0, got {text}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults, and keep the script docstring's line breaks (its example commands)."""
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     run = p.add_argument_group("run")
     run.add_argument("--run_name", required=True,
                      help="name of the run: everything goes under RESULTS_DIR/RUN_NAME/; the same name again "
                           "resumes from its checkpoints/last.pt")
     run.add_argument("--results_dir", default="results", help="parent folder of all runs")
-    run.add_argument("--max_step", type=_positive_int, default=200_000,
+    run.add_argument("--max_step", type=positive_int, default=200_000,
                      help="total optimisation steps (the paper: 200,000); a larger value continues a finished run")
     run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     run.add_argument("--seed", type=int, default=0, help="seed for initialisation, crops and noise")
-    run.add_argument("--workers", type=_non_negative_int, default=None,
+    run.add_argument("--workers", type=non_negative_int, default=None,
                      help="DataLoader worker processes (default: 4 on CUDA, 0 on CPU where cores are better "
                           "spent on the model)")
 
@@ -64,42 +65,54 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                            "scikit-image ships")
     data.add_argument("--split_seed", type=int, default=0,
                       help="seed of the train/val/test split; keep it fixed across runs you compare")
-    data.add_argument("--image_size", type=_positive_int, default=400,
+    data.add_argument("--image_size", type=positive_int, default=400,
                       help="side in pixels of the square random training crops (the paper: 400)")
-    data.add_argument("--batch_size", type=_positive_int, default=16,
+    data.add_argument("--max_crop_scale", type=positive_float, default=1.0,
+                      help="scale jitter: each training crop covers 1 to this many times --image_size pixels "
+                           "per side of the photo, resized to --image_size (1 = native resolution only)")
+    data.add_argument("--batch_size", type=positive_int, default=16,
                       help="images per step; the scanner sees 2x this (clean and stamped) per view")
 
     model = p.add_argument_group("model")
     model.add_argument("--scanner", choices=sorted(ARCHS), default="resnet18",
                        help="scanner architecture: resnet18 (the paper's) or narrow (16-32-64-128, for CPU)")
-    model.add_argument("--encoder_width", type=_positive_float, default=1.0,
+    model.add_argument("--bn_freeze_step", type=int, default=None,
+                       help="from this step on, the scanner's BatchNorm layers use and keep their running "
+                            "statistics, so it trains as it is judged: one image at a time. Default: when the "
+                            "image-loss ramp ends (warmup_steps + ramp_steps); a negative value never freezes")
+    model.add_argument("--encoder_width", type=positive_float, default=1.0,
                        help="channel multiplier of the U-Net encoder (1.0 = StegaStamp's 32-32-64-128-256)")
-    model.add_argument("--max_residual", type=_positive_float, default=0.05,
+    model.add_argument("--max_residual", type=positive_float, default=0.05,
                        help="bound on the residual per pixel, in [0,1] units (δ = max_residual·tanh)")
 
     opt = p.add_argument_group("optimisation and loss weights")
-    opt.add_argument("--lr", type=_positive_float, default=1e-4, help="Adam learning rate at step 0")
-    opt.add_argument("--lr_decay", type=_positive_float, default=0.5,
+    opt.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate at step 0")
+    opt.add_argument("--lr_decay", type=positive_float, default=0.5,
                      help="exponential decay: the learning rate is multiplied by this every --lr_decay_steps")
-    opt.add_argument("--lr_decay_steps", type=_positive_int, default=100_000, help="steps per --lr_decay factor")
-    opt.add_argument("--img_w", type=_non_negative_float, default=1.0,
+    opt.add_argument("--lr_decay_steps", type=positive_int, default=100_000, help="steps per --lr_decay factor")
+    opt.add_argument("--img_w", type=non_negative_float, default=1.0,
                      help="weight of L_rr, the residual regularisation (YUV-weighted MSE + l1_w·mean|δ|)")
-    opt.add_argument("--l1_w", type=_non_negative_float, default=0.1, help="weight of mean|δ| inside L_rr")
-    opt.add_argument("--lps_w", type=_non_negative_float, default=1.0,
+    opt.add_argument("--l1_w", type=non_negative_float, default=0.1, help="weight of mean|δ| inside L_rr")
+    opt.add_argument("--lps_w", type=non_negative_float, default=1.0,
                      help="weight of L_ps, LPIPS(AlexNet); 0 skips loading it. Off, with one line saying so, "
                           "when torchvision cannot load the AlexNet weights")
-    opt.add_argument("--acc_w", type=_non_negative_float, default=1.0,
+    opt.add_argument("--acc_w", type=non_negative_float, default=1.0,
                      help="weight of L_A, the scanner's cross-entropy on [x, x'] (the paper's rs_w in train_rs*)")
-    opt.add_argument("--warmup_steps", type=_non_negative_int, default=10_000,
-                     help="the image-loss weights (img_w, lps_w) rise linearly from 0 at step 0 to full here, "
-                          "so the scanner learns to see the stamp before L_rr and L_ps shrink it")
+    opt.add_argument("--warmup_steps", type=non_negative_int, default=2_000,
+                     help="steps with the image losses off, so the scanner learns to see the stamp before "
+                          "L_rr and L_ps start shrinking it")
+    opt.add_argument("--ramp_steps", type=non_negative_int, default=10_000,
+                     help="steps over which the image-loss weights (img_w, lps_w) then rise linearly to full")
 
     log = p.add_argument_group("logging and checkpoints")
-    log.add_argument("--log_every", type=_positive_int, default=50, help="steps between TensorBoard scalars")
-    log.add_argument("--val_every", type=_positive_int, default=1_000,
+    log.add_argument("--log_every", type=positive_int, default=50, help="steps between TensorBoard scalars")
+    log.add_argument("--val_every", type=positive_int, default=1_000,
                      help="steps between validations (accuracy, PSNR, SSIM, images in TensorBoard)")
-    log.add_argument("--save_every", type=_positive_int, default=1_000, help="steps between checkpoints")
-    log.add_argument("--val_images", type=_positive_int, default=128, help="validation crops per validation")
-    log.add_argument("--test_images", type=_positive_int, default=256,
+    log.add_argument("--save_every", type=positive_int, default=1_000, help="steps between checkpoints")
+    log.add_argument("--eval_size", type=positive_int, default=None,
+                     help="side of the held-out validation and test crops, in pixels (default: --image_size); "
+                          "the networks are fully convolutional, so any size works")
+    log.add_argument("--val_images", type=positive_int, default=128, help="validation crops per validation")
+    log.add_argument("--test_images", type=positive_int, default=256,
                      help="held-out test crops for the end-of-run summary")
     return p

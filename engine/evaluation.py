@@ -8,6 +8,7 @@ from torchvision.utils import save_image
 from models import CLEAN, STAMPED
 
 from .device import autocast
+from .losses import pair_labels
 
 #: SSIM's 11-px Gaussian window needs at least this many pixels per side.
 MIN_SSIM_SIDE = 11
@@ -50,11 +51,13 @@ def stamp_and_scan(encoder, scanner, x: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def evaluate(encoder, scanner, loader, device, max_images: int | None = None) -> dict:
+def evaluate(encoder, scanner, loader, device, max_images: int | None = None, views=None, step: int = 0) -> dict:
     """Mean PSNR/SSIM/border ratio and clean/stamped/overall accuracy over a loader of [0,1] images.
 
-    Accuracy is the scanner's argmax: clean images must read CLEAN, stamped ones STAMPED. Returns floats and
-    n, the number of images (each counted once clean and once stamped for accuracy).
+    Accuracy is the scanner's argmax: clean images must read CLEAN, stamped ones STAMPED. With `views` (a
+    training script's view function), also `acc/<view>`: the accuracy on what that script trains the scanner
+    on (e.g. the noisy pair). Returns floats and n, the number of images (each counted once clean and once
+    stamped for accuracy).
     """
     was_training = encoder.training, scanner.training
     encoder.eval(), scanner.eval()
@@ -66,16 +69,22 @@ def evaluate(encoder, scanner, loader, device, max_images: int | None = None) ->
             break
         if max_images is not None:
             x = x[: max_images - n]
-        out = stamp_and_scan(encoder, scanner, x.to(device, non_blocking=True))
+        x = x.to(device, non_blocking=True)
+        out = stamp_and_scan(encoder, scanner, x)
         per_image = {
             "psnr": out["psnr"], "ssim": out["ssim"], "border_ratio": out["border_ratio"],
             "acc_clean": (out["clean_logits"].argmax(1) == CLEAN).float(),
             "acc_stamped": (out["stamped_logits"].argmax(1) == STAMPED).float(),
         }
+        for view in views(torch.cat([x, out["stamped"]]), step) if views else []:
+            if view.name != "plain":  # the plain view is acc_clean / acc_stamped above
+                with autocast(x.device):
+                    logits = scanner(view.images).float()
+                per_image[f"acc/{view.name}"] = (logits.argmax(1) == pair_labels(x.shape[0], x.device)).float()
         for key, values in per_image.items():
             finite = values[torch.isfinite(values)]
-            sums[key] += finite.sum().item()
-            counts[key] += finite.numel()
+            sums[key] = sums.get(key, 0.0) + finite.sum().item()
+            counts[key] = counts.get(key, 0) + finite.numel()
         n += x.shape[0]
     encoder.train(was_training[0]), scanner.train(was_training[1])
     metrics = {k: (sums[k] / counts[k] if counts[k] else float("nan")) for k in sums}

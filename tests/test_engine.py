@@ -28,12 +28,14 @@ def test_residual_regularisation_adds_l1_of_the_residual():
     assert residual_regularisation(x + residual, x, residual, l1_weight=1.0).item() == pytest.approx(base + 0.02, rel=1e-4)
 
 
-def test_image_loss_ramp_rises_linearly_over_the_warmup():
-    assert image_loss_ramp(0, 100) == 0.0
-    assert image_loss_ramp(25, 100) == pytest.approx(0.25)
-    assert image_loss_ramp(100, 100) == 1.0
-    assert image_loss_ramp(10_000, 100) == 1.0
-    assert image_loss_ramp(0, 0) == 1.0
+def test_image_loss_ramp_is_off_in_warmup_then_linear():
+    assert image_loss_ramp(0, 100, 50) == 0.0
+    assert image_loss_ramp(99, 100, 50) == 0.0
+    assert image_loss_ramp(125, 100, 50) == pytest.approx(0.5)
+    assert image_loss_ramp(150, 100, 50) == 1.0
+    assert image_loss_ramp(10_000, 100, 50) == 1.0
+    assert image_loss_ramp(0, 0, 0) == 1.0
+    assert image_loss_ramp(10, 0, 40) == pytest.approx(0.25)
 
 
 def test_pair_labels_are_clean_then_stamped():

@@ -72,9 +72,9 @@ def test_train_defaults_to_the_scikit_image_photos(tmp_path, capsys):
 def test_trained_residual_is_not_hidden_at_the_border(tmp_path, photo_folder):
     """The pitfall: on small crops an encoder learns to hide the stamp in a stripe along the border."""
     _run(tmp_path, "--max_step", "60", "--train_path", str(photo_folder), "--lr", "1e-3",
-         "--warmup_steps", "60", "--val_every", "60", "--save_every", "60", name="border")
+         "--warmup_steps", "0", "--ramp_steps", "60", "--val_every", "60", "--save_every", "60", name="border")
     encoder, _, _ = load_pretrained(tmp_path / "border" / "model")
-    x = torch.from_numpy(np.asarray(Image.open(photo_folder / "im11.png").resize((96, 96)))).permute(2, 0, 1)
+    x = torch.from_numpy(np.array(Image.open(photo_folder / "im11.png").resize((96, 96)))).permute(2, 0, 1)
     with torch.no_grad():
         residual = encoder(x[None].float() / 255)
     assert residual.abs().mean() > 1e-3  # there is a stamp to look at
@@ -95,3 +95,14 @@ def test_bad_flag_values_are_refused_by_name(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train.main(["--run_name", "x", "--results_dir", str(tmp_path), *TINY, *flags])
         assert name in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("freeze_step, frozen", [("2", True), ("-1", False)])
+def test_batchnorm_statistics_freeze_at_bn_freeze_step(tmp_path, photo_folder, freeze_step, frozen):
+    flags = ["--train_path", str(photo_folder), "--bn_freeze_step", freeze_step, "--save_every", "2"]
+    _run(tmp_path, "--max_step", "2", *flags)
+    before = torch.load(tmp_path / "t" / "checkpoints" / "last.pt", weights_only=True)["scanner"]
+    _run(tmp_path, "--max_step", "4", *flags)
+    after = torch.load(tmp_path / "t" / "checkpoints" / "last.pt", weights_only=True)["scanner"]
+    assert not torch.equal(before["conv1.weight"], after["conv1.weight"])  # the scanner still learns
+    assert torch.equal(before["bn1.running_mean"], after["bn1.running_mean"]) == frozen

@@ -1,0 +1,182 @@
+"""Randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019): a smoothed scanner with a certified L2 radius.
+
+The smoothed classifier is g(x) = argmax_c P(f(x + ε) = c), ε ~ N(0, σ²I), where f is the base scanner. g is
+estimated by Monte Carlo. PREDICT returns g(x) or abstains; CERTIFY returns g(x) with a radius R such that,
+with probability at least 1 - alpha over the sampling, g gives the same class for every x + δ with ‖δ‖₂ < R.
+
+Modelled on locuslab/smoothing `code/core.py`, in current torch and scipy (`binom_test` is gone: `binomtest`;
+the Clopper–Pearson bound comes from scipy's beta quantile instead of statsmodels).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+
+import torch
+from scipy.stats import beta, binomtest, norm
+from torch import nn
+
+#: Returned instead of a class when the smoothed classifier does not commit to one.
+ABSTAIN = -1
+
+
+def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper–Pearson lower bound on a binomial proportion, from k successes in n trials.
+
+    Equal to the lower end of the two-sided exact interval at level 2·alpha (Cohen's
+    `proportion_confint(k, n, alpha=2*alpha, method="beta")[0]`); 0 when k = 0.
+    """
+    if k == 0:
+        return 0.0
+    return float(beta.ppf(alpha, k, n - k + 1))
+
+
+def _check_count(name: str, value) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)  # int, numpy integers; not floats, which would hide a typo
+    except TypeError:
+        raise ValueError(f"Smooth: {name} must be an integer ≥ 1, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"Smooth: {name} must be an integer ≥ 1, got {number}")
+    return number
+
+
+def _check_alpha(alpha) -> float:
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"Smooth: alpha must be a number in (0, 1), got {alpha!r}") from None
+    if not 0.0 < alpha < 1.0:  # also refuses NaN
+        raise ValueError(f"Smooth: alpha must be in (0, 1), got {alpha}")
+    return alpha
+
+
+class Smooth:
+    """A base classifier smoothed with isotropic Gaussian noise in [0,1] pixel space.
+
+    Args:
+        scanner: the base classifier f, an nn.Module mapping (B,3,H,W) images in [0,1] to (B,C) logits
+            (C = 2 for the DeepRAFT scanner: 0 = clean, 1 = stamped). It is run in eval mode under no_grad;
+            its own train/eval mode is restored afterwards.
+        sigma: noise standard deviation σ in [0,1] pixel units; the certified radius is in the same units
+            (an L2 norm over all 3·H·W pixel values in [0,1]). Use the σ the scanner was trained with.
+
+    Noise is added to the image in [0,1] and not clamped, as in training (smoothing.noise); the scanner
+    normalises its input itself. Everything runs on the scanner's device (that of its first parameter or
+    buffer; CPU for a module with neither); the input image is moved there.
+
+    Reproducibility: pass a `torch.Generator` to predict/certify. The noise is drawn on the generator's device
+    and then moved to the scanner's, so a CPU generator gives the same noise whatever the scanner's device
+    (slower on a GPU: use a generator on the scanner's device there). Without a generator, torch's global
+    generator of the scanner's device is used.
+    """
+
+    def __init__(self, scanner: nn.Module, sigma: float):
+        sigma = float(sigma)
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"Smooth: sigma must be a finite noise standard deviation > 0, got {sigma}")
+        self.scanner = scanner
+        self.sigma = sigma
+
+    @property
+    def device(self) -> torch.device:
+        """Where the scanner's weights are, hence where the noisy copies are classified."""
+        tensor = next(itertools.chain(self.scanner.parameters(), self.scanner.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------------ public
+    def predict(self, x: torch.Tensor, n: int = 100_000, alpha: float = 0.001, batch_size: int = 400,
+                generator: torch.Generator | None = None) -> int:
+        """Cohen's PREDICT: the majority class under noise, or ABSTAIN when the vote is not significant.
+
+        The top two classes' counts are compared with a two-sided binomial test against p = 1/2; the class is
+        returned when the p-value is ≤ alpha. The probability of returning a class other than g(x) is then at
+        most alpha.
+
+        Args:
+            x: one image, (3,H,W) or (1,3,H,W), in [0,1].
+            n: number of noise samples (≥ 1).
+            alpha: significance level in (0,1).
+            batch_size: noisy copies classified at once (≥ 1): the memory knob.
+            generator: a torch.Generator for reproducible noise; None uses torch's global one.
+
+        Returns:
+            The predicted class index (int), or ABSTAIN (-1).
+        """
+        n, batch_size, alpha = _check_count("n", n), _check_count("batch_size", batch_size), _check_alpha(alpha)
+        counts = self._sample_counts(x, n, batch_size, generator)
+        top2 = torch.topk(counts, k=min(2, counts.numel())).indices.tolist()
+        count1 = int(counts[top2[0]])
+        count2 = int(counts[top2[1]]) if len(top2) > 1 else 0
+        if binomtest(count1, count1 + count2, p=0.5).pvalue > alpha:
+            return ABSTAIN
+        return top2[0]
+
+    def certify(self, x: torch.Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+                batch_size: int = 400, generator: torch.Generator | None = None) -> tuple[int, float]:
+        """Cohen's CERTIFY: the smoothed class and a certified L2 radius, or (ABSTAIN, 0.0).
+
+        n0 samples select the candidate class cA (the most frequent one); n fresh samples count how often the
+        scanner answers cA (nA). pA is the one-sided (1 - alpha) Clopper–Pearson lower bound on P(f(x+ε) = cA);
+        if pA < 1/2 nothing is certified, else the radius is σ·Φ⁻¹(pA). Separate selection and estimation
+        samples keep the bound valid: choosing cA from the same draws would bias nA upwards.
+
+        Args:
+            x: one image, (3,H,W) or (1,3,H,W), in [0,1].
+            n0: selection samples (≥ 1); the paper's 100.
+            n: estimation samples (≥ 1); the paper's 100,000. With nA = n the radius is σ·Φ⁻¹(alpha^(1/n)), so
+                n caps the largest radius that can be certified (n = 100,000, alpha = 0.001: 4.0·σ).
+            alpha: failure probability in (0,1); the paper's 0.001.
+            batch_size: noisy copies classified at once (≥ 1).
+            generator: a torch.Generator for reproducible noise; None uses torch's global one.
+
+        Returns:
+            (class, radius): the class index and its certified radius in [0,1]-pixel L2 units, or
+            (ABSTAIN, 0.0).
+        """
+        n0, n = _check_count("n0", n0), _check_count("n", n)
+        batch_size, alpha = _check_count("batch_size", batch_size), _check_alpha(alpha)
+        selection = self._sample_counts(x, n0, batch_size, generator)
+        c_a = int(selection.argmax())
+        estimation = self._sample_counts(x, n, batch_size, generator)
+        p_a = lower_confidence_bound(int(estimation[c_a]), n, alpha)
+        if p_a < 0.5:
+            return ABSTAIN, 0.0
+        return c_a, self.sigma * float(norm.ppf(p_a))
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def _sample_counts(self, x: torch.Tensor, num: int, batch_size: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """How often the scanner picks each class on `num` noisy copies of x → int64 CPU tensor (C,).
+
+        The copies are made and classified batch_size at a time, so at most batch_size noisy images (not num)
+        are in memory at once.
+        """
+        if x.dim() == 4 and x.shape[0] == 1:
+            x = x[0]
+        if x.dim() != 3:
+            raise ValueError(f"Smooth: x must be one image (3,H,W) or (1,3,H,W), got shape {tuple(x.shape)}")
+        device = self.device
+        x = x.to(device)
+        if not x.is_floating_point():
+            raise ValueError(f"Smooth: x must be a floating-point image in [0,1], got dtype {x.dtype}")
+        noise_device = generator.device if generator is not None else device
+        was_training = self.scanner.training
+        self.scanner.eval()
+        try:
+            counts = None
+            remaining = num
+            while remaining > 0:
+                this = min(batch_size, remaining)
+                noise = torch.randn((this, *x.shape), generator=generator, device=noise_device, dtype=x.dtype)
+                logits = self.scanner(x.unsqueeze(0) + self.sigma * noise.to(device))
+                batch_counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
+                counts = batch_counts if counts is None else counts + batch_counts
+                remaining -= this
+        finally:
+            self.scanner.train(was_training)
+        return counts.cpu()

@@ -1,0 +1,308 @@
+"""Randomized smoothing: Smooth's statistics on stub classifiers, the noise view, train_rs.py and the certify CLI."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import beta, norm
+from torch import nn
+
+import train_rs
+from models import Scanner, ScannerConfig, StampEncoder, StampEncoderConfig, save_pretrained
+from smoothing import ABSTAIN, Smooth, gaussian_noise_view
+from smoothing.certify import (RADII, TSV_COLUMNS, CertifyRow, certified_accuracy, format_table, read_tsv,
+                               write_tsv)
+from smoothing.certify import main as certify_main
+
+SHAPE = (3, 4, 4)  # a tiny "image": the statistics do not depend on its size
+
+
+class LinearStub(nn.Module):
+    """logits = [0, w·x - b]: class 1 exactly when w·x > b. Under x + ε, ε ~ N(0, σ²I),
+    P(class 1) = Φ((w·x - b) / (σ‖w‖)) in closed form. Records the largest batch it is given."""
+
+    def __init__(self, w: torch.Tensor, b: float):
+        super().__init__()
+        self.register_buffer("w", w)
+        self.b = b
+        self.max_batch = 0
+        self.calls = 0
+
+    def forward(self, x):
+        self.max_batch = max(self.max_batch, x.shape[0])
+        self.calls += 1
+        score = x.flatten(1) @ self.w - self.b
+        return torch.stack([torch.zeros_like(score), score], 1)
+
+
+class CoinStub(nn.Module):
+    """Answers class 0 or 1 at random, whatever the input, from its own seeded generator."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, x):
+        return torch.randn(x.shape[0], 2, generator=self.generator)
+
+
+def linear_case(p_class1: float, sigma: float):
+    """A fixed image, and a LinearStub whose probability of answering class 1 under noise σ is p_class1."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(SHAPE, generator=g)
+    w = torch.randn(x.numel(), generator=g)
+    b = float(w @ x.flatten()) - float(norm.ppf(p_class1)) * sigma * float(w.norm())
+    return x, LinearStub(w, b)
+
+
+def closed_form_p_class1(stub: LinearStub, x: torch.Tensor, sigma: float) -> float:
+    return float(norm.cdf((float(stub.w @ x.flatten()) - stub.b) / (sigma * float(stub.w.norm()))))
+
+
+@pytest.mark.parametrize("p_class1, expected_class", [(0.9, 1), (0.2, 0)])
+def test_certified_radius_matches_the_closed_form(p_class1, expected_class):
+    sigma, n, alpha = 0.5, 20_000, 0.001
+    x, stub = linear_case(p_class1, sigma)
+    p_a = closed_form_p_class1(stub, x, sigma)
+    p_a = p_a if expected_class == 1 else 1 - p_a
+    assert p_a == pytest.approx(max(p_class1, 1 - p_class1))
+
+    predict, radius = Smooth(stub, sigma).certify(x, n0=100, n=n, alpha=alpha, batch_size=1000,
+                                                  generator=torch.Generator().manual_seed(0))
+    assert predict == expected_class
+    # The radius a run with exactly the expected count n·pA would certify, from scipy directly.
+    k = round(n * p_a)
+    expected = sigma * norm.ppf(beta.ppf(alpha, k, n - k + 1))
+    # The count's binomial spread, carried through σ·Φ⁻¹: radius sd ≈ σ·sd(p̂)/φ(Φ⁻¹(pA)).
+    radius_sd = sigma * math.sqrt(p_a * (1 - p_a) / n) / norm.pdf(norm.ppf(p_a))
+    assert abs(radius - expected) < 5 * radius_sd, (radius, expected, radius_sd)
+    assert radius < sigma * norm.ppf(p_a)  # a lower bound: below the radius of the true pA
+    assert stub.max_batch <= 1000
+
+
+def test_a_classifier_that_answers_at_random_abstains():
+    smooth = Smooth(CoinStub(seed=0), sigma=0.25)
+    x = torch.rand(SHAPE)
+    g = torch.Generator().manual_seed(0)
+    assert smooth.predict(x, n=1000, alpha=0.001, batch_size=256, generator=g) == ABSTAIN
+    assert smooth.certify(x, n0=100, n=1000, alpha=0.001, batch_size=256, generator=g) == (ABSTAIN, 0.0)
+
+
+def test_predict_returns_a_clear_majority():
+    x, stub = linear_case(0.95, sigma=0.25)
+    assert Smooth(stub, 0.25).predict(x, n=500, alpha=0.001, generator=torch.Generator().manual_seed(0)) == 1
+
+
+def test_a_smaller_alpha_never_certifies_a_larger_radius():
+    sigma = 0.5
+    x, stub = linear_case(0.99, sigma)
+    smooth = Smooth(stub, sigma)
+    radii = [smooth.certify(x, n0=100, n=2000, alpha=alpha, batch_size=500,
+                            generator=torch.Generator().manual_seed(3))[1]
+             for alpha in (0.1, 0.01, 0.001, 1e-4, 1e-6)]
+    assert all(later <= earlier for earlier, later in zip(radii, radii[1:])), radii
+    assert radii[-1] < radii[0]
+
+
+def test_the_same_generator_seed_gives_the_same_result():
+    scanner = Scanner(ScannerConfig("narrow"))
+    smooth = Smooth(scanner, 0.5)
+    x = torch.rand(3, 16, 16)
+
+    def certify(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return smooth.certify(x, n0=20, n=100, alpha=0.01, batch_size=32, generator=generator)
+
+    assert certify(7) == certify(7)
+    assert torch.equal(smooth._sample_counts(x, 50, 16, torch.Generator().manual_seed(7)),
+                       smooth._sample_counts(x, 50, 16, torch.Generator().manual_seed(7)))
+    stub_x, stub = linear_case(0.6, 0.5)  # a balanced vote, so that other noise gives other counts
+    counts = [Smooth(stub, 0.5)._sample_counts(stub_x, 1000, 100, torch.Generator().manual_seed(seed))
+              for seed in (1, 2)]
+    assert not torch.equal(*counts)
+
+
+def test_sampling_is_batched_and_counts_every_sample():
+    x, stub = linear_case(0.7, 0.5)
+    counts = Smooth(stub, 0.5)._sample_counts(x, 1001, 100, torch.Generator().manual_seed(0))
+    assert counts.shape == (2,) and counts.dtype == torch.int64 and counts.device.type == "cpu"
+    assert int(counts.sum()) == 1001
+    assert stub.max_batch == 100 and stub.calls == 11  # never all 1001 noisy copies at once
+
+
+def test_input_forms_device_and_mode():
+    x, stub = linear_case(0.9, 0.5)
+    stub.train()
+    smooth = Smooth(stub, 0.5)
+    assert smooth.device == stub.w.device
+    a = smooth.certify(x, n0=10, n=100, generator=torch.Generator().manual_seed(0))
+    b = smooth.certify(x[None], n0=10, n=100, generator=torch.Generator().manual_seed(0))
+    assert a == b  # (3,H,W) and (1,3,H,W) are the same image
+    assert stub.training  # the caller's mode is restored
+
+
+@pytest.mark.parametrize("kwargs, name", [({"n0": 0}, "n0"), ({"n": 0}, "n"), ({"alpha": 0.0}, "alpha"),
+                                          ({"alpha": 1.0}, "alpha"), ({"batch_size": 0}, "batch_size"),
+                                          ({"n": 10.5}, "n")])
+def test_bad_arguments_are_refused_by_name(kwargs, name):
+    x, stub = linear_case(0.9, 0.5)
+    with pytest.raises(ValueError, match=name):
+        Smooth(stub, 0.5).certify(x, **kwargs)
+
+
+def test_bad_sigma_and_image_are_refused():
+    x, stub = linear_case(0.9, 0.5)
+    for sigma in (0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match="sigma"):
+            Smooth(stub, sigma)
+    with pytest.raises(ValueError, match="one image"):
+        Smooth(stub, 0.5).predict(torch.rand(2, *SHAPE), n=10)
+    with pytest.raises(ValueError, match="floating-point"):
+        Smooth(stub, 0.5).predict((x * 255).to(torch.uint8), n=10)
+
+
+def test_paper_defaults():
+    import inspect
+    params = inspect.signature(Smooth.certify).parameters
+    assert (params["n0"].default, params["n"].default, params["alpha"].default) == (100, 100_000, 0.001)
+
+
+# ---------------------------------------------------------------------------------------------- noise view
+def test_noise_view_adds_unclamped_gaussian_noise_from_the_global_generator():
+    pair = torch.full((4, 3, 32, 32), 0.5)
+    torch.manual_seed(0)
+    (view,) = gaussian_noise_view(0.25)(pair, 0)
+    assert view.name == "noisy" and view.weight == 1.0 and view.images.shape == pair.shape
+    noise = view.images - pair
+    assert noise.mean().abs() < 0.01 and noise.std().item() == pytest.approx(0.25, rel=0.03)
+    assert view.images.min() < 0 and view.images.max() > 1  # not clamped, as in certification
+    torch.manual_seed(0)
+    assert torch.equal(gaussian_noise_view(0.25)(pair, 0)[0].images, view.images)
+    for std in (0, -1, float("inf")):
+        with pytest.raises(ValueError, match="--std"):
+            gaussian_noise_view(std)
+
+
+# ---------------------------------------------------------------------------------------------- scripts
+TINY = ["--image_size", "32", "--batch_size", "2", "--scanner", "narrow", "--encoder_width", "0.25",
+        "--lps_w", "0", "--device", "cpu", "--log_every", "1", "--val_every", "3", "--save_every", "3",
+        "--val_images", "2", "--test_images", "2"]
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """Six smooth random 'photos' of odd sizes, made here; nothing is downloaded."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        h, w = 33 + 3 * i, 37 + 2 * i
+        low = rng.uniform(0, 255, (h // 8 + 2, w // 8 + 2, 3)).astype(np.uint8)
+        Image.fromarray(low).resize((w, h), Image.BICUBIC).save(folder / f"im{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def rs_run(tmp_path_factory, photo_folder):
+    """A 3-step train_rs.py run at 32 px with σ = 0.25: results/rs/."""
+    results = tmp_path_factory.mktemp("results")
+    train_rs.main(["--run_name", "rs", "--results_dir", str(results), "--max_step", "3", "--std", "0.25",
+                   "--train_path", str(photo_folder), *TINY])
+    return results / "rs"
+
+
+def _scalar_tags(tb_dir) -> set:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    tags = set()
+    for path in tb_dir.glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            tags.update(value.tag for value in event.summary.value)
+    return tags
+
+
+def test_train_rs_runs_a_few_steps_on_the_noisy_view(rs_run):
+    checkpoint = torch.load(rs_run / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["step"] == 3
+    assert (rs_run / "model" / "scanner.safetensors").is_file()
+    assert json.loads((rs_run / "args.json").read_text())["std"] == 0.25
+    tags = _scalar_tags(rs_run / "tb")
+    assert {"acc/noisy", "L_A/noisy"} <= tags and "acc/plain" not in tags
+
+
+def test_train_rs_refuses_a_bad_std(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_rs.main(["--run_name", "x", "--results_dir", str(tmp_path), "--std", "0", *TINY])
+    assert "--std" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained tiny model folder, as save_pretrained writes it."""
+    directory = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    save_pretrained(directory, StampEncoder(StampEncoderConfig(width=0.25)), Scanner(ScannerConfig("narrow")))
+    return directory
+
+
+def test_certify_cli_writes_cohens_tsv_and_refuses_to_overwrite(tmp_path, model_dir, photo_folder, capsys):
+    out = tmp_path / "eval" / "certify.tsv"
+    flags = ["--model", str(model_dir), "--data_path", str(photo_folder), "--max_images", "3", "--sigma", "0.25",
+             "--size", "32", "--n0", "10", "--n", "50", "--batch_size", "16", "--device", "cpu", "--out", str(out)]
+    certify_main(flags)
+    printed = capsys.readouterr()
+    lines = out.read_text().splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+    assert len(lines) == 7
+    rows = read_tsv(out)
+    assert [r.idx for r in rows] == list(range(6)) and [r.label for r in rows] == [0, 1] * 3
+    assert all(r.predict in (ABSTAIN, 0, 1) and r.radius >= 0 and r.correct == (r.predict == r.label)
+               for r in rows)
+    assert not out.with_name(out.name + ".partial").exists()
+    assert "| 0.25 |" in out.with_suffix(".md").read_text()
+    assert "3 photos" in printed.out and "s per image" in printed.out and "| L2 radius |" in printed.out
+
+    with pytest.raises(SystemExit) as exit_info:
+        certify_main(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0] and str(out) in err[0]
+    certify_main(flags + ["--overwrite"])
+    assert len(out.read_text().splitlines()) == 7
+
+
+def test_certify_cli_takes_sigma_and_output_folder_from_a_train_rs_run(rs_run, photo_folder, capsys):
+    certify_main(["--model", str(rs_run), "--data_path", str(photo_folder), "--max_images", "1", "--size", "0",
+                  "--n0", "5", "--n", "20", "--device", "cpu"])
+    assert len(read_tsv(rs_run / "eval" / "certify_sigma0.25.tsv")) == 2  # native size, σ from args.json
+
+
+def test_certify_cli_errors_are_one_line(tmp_path, model_dir, capsys):
+    no_photos = str(tmp_path / "no_photos_here")
+    for flags, needle in ((["--model", str(model_dir)], "--sigma"),
+                          (["--model", str(tmp_path / "nowhere"), "--sigma", "0.5"], "nowhere"),
+                          (["--model", str(model_dir), "--sigma", "0.5", "--data_path", no_photos], "no_photos_here")):
+        with pytest.raises(SystemExit) as exit_info:
+            certify_main([*flags, "--device", "cpu", "--out", str(tmp_path / "c.tsv")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+
+
+def test_certified_accuracy_table_and_tsv_round_trip(tmp_path):
+    rows = [CertifyRow(0, 0, 0, 0.8, 1, 1.0), CertifyRow(1, 1, 1, 0.3, 1, 1.0),
+            CertifyRow(2, 0, ABSTAIN, 0.0, 0, 1.0), CertifyRow(3, 1, 0, 2.5, 0, 1.0)]
+    acc = certified_accuracy(rows)
+    assert list(acc) == list(RADII)
+    assert acc[0.0] == 0.5 and acc[0.25] == 0.5 and acc[0.5] == 0.25 and acc[1.0] == 0.0
+    table = format_table(rows)
+    assert "| 0.50 | 25.0% | 50.0% | 0.0% |" in table and "| abstained | 25.0% | 50.0% | 0.0% |" in table
+    assert write_tsv(iter(rows), tmp_path / "x.tsv") == rows
+    assert read_tsv(tmp_path / "x.tsv") == rows
+    # Cohen's own files write the time as a timedelta.
+    cohen = tmp_path / "cohen.tsv"
+    cohen.write_text("\t".join(TSV_COLUMNS) + "\n0\t1\t1\t0.512\t1\t0:00:01.500000\n")
+    assert read_tsv(cohen) == [CertifyRow(0, 1, 1, 0.512, 1, 1.5)]
+    cohen.write_text("idx\tlabel\n")
+    with pytest.raises(ValueError, match="cohen.tsv"):
+        read_tsv(cohen)
