@@ -15,6 +15,7 @@ from smoothing import ABSTAIN, Smooth, gaussian_noise_view
 from smoothing.certify import (RADII, TSV_COLUMNS, CertifyRow, certified_accuracy, format_table, read_tsv,
                                write_tsv)
 from smoothing.certify import main as certify_main
+from conftest import TINY_TRAIN_FLAGS as TINY
 
 SHAPE = (3, 4, 4)  # a tiny "image": the statistics do not depend on its size
 
@@ -186,21 +187,6 @@ def test_noise_view_adds_unclamped_gaussian_noise_from_the_global_generator():
 
 
 # ---------------------------------------------------------------------------------------------- scripts
-TINY = ["--image_size", "32", "--batch_size", "2", "--scanner", "narrow", "--encoder_width", "0.25",
-        "--lps_w", "0", "--device", "cpu", "--log_every", "1", "--val_every", "3", "--save_every", "3",
-        "--val_images", "2", "--test_images", "2"]
-
-
-@pytest.fixture(scope="module")
-def photo_folder(tmp_path_factory):
-    """Six smooth random 'photos' of odd sizes, made here; nothing is downloaded."""
-    folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        h, w = 33 + 3 * i, 37 + 2 * i
-        low = rng.uniform(0, 255, (h // 8 + 2, w // 8 + 2, 3)).astype(np.uint8)
-        Image.fromarray(low).resize((w, h), Image.BICUBIC).save(folder / f"im{i}.png")
-    return folder
 
 
 @pytest.fixture(scope="module")

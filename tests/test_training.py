@@ -9,22 +9,8 @@ from PIL import Image
 import train
 from engine.evaluation import border_energy_ratio
 from models import load_pretrained
+from conftest import TINY_TRAIN_FLAGS as TINY
 
-TINY = ["--image_size", "32", "--batch_size", "2", "--scanner", "narrow", "--encoder_width", "0.25",
-        "--lps_w", "0", "--device", "cpu", "--log_every", "2", "--val_every", "3", "--save_every", "3",
-        "--val_images", "4", "--test_images", "4"]
-
-
-@pytest.fixture(scope="module")
-def photo_folder(tmp_path_factory):
-    """Twelve smooth random 'photos' of odd sizes, made here; nothing is downloaded."""
-    folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        h, w = 41 + 3 * i, 57 + 2 * i
-        low = rng.uniform(0, 255, (h // 8 + 2, w // 8 + 2, 3)).astype(np.uint8)
-        Image.fromarray(low).resize((w, h), Image.BICUBIC).save(folder / f"im{i}.png")
-    return folder
 
 
 def _run(tmp_path, *extra, name="t"):

@@ -1,0 +1,21 @@
+"""Shared by the tests that run the training scripts: tiny flags and a folder of photos made here."""
+import numpy as np
+import pytest
+from PIL import Image
+
+#: Flags that make a training run take seconds on CPU: 32 px crops, tiny networks, no LPIPS download attempt.
+TINY_TRAIN_FLAGS = ["--image_size", "32", "--batch_size", "2", "--scanner", "narrow", "--encoder_width", "0.25",
+                    "--lps_w", "0", "--device", "cpu", "--log_every", "1", "--val_every", "3",
+                    "--save_every", "3", "--val_images", "4", "--test_images", "4"]
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory):
+    """Twelve smooth random 'photos' of odd sizes, made here; nothing is downloaded."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        h, w = 41 + 3 * i, 57 + 2 * i
+        low = rng.uniform(0, 255, (h // 8 + 2, w // 8 + 2, 3)).astype(np.uint8)
+        Image.fromarray(low).resize((w, h), Image.BICUBIC).save(folder / f"im{i}.png")
+    return folder
