@@ -98,11 +98,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                           "when torchvision cannot load the AlexNet weights")
     opt.add_argument("--acc_w", type=non_negative_float, default=1.0,
                      help="weight of L_A, the scanner's cross-entropy on [x, x'] (the paper's rs_w in train_rs*)")
-    opt.add_argument("--warmup_steps", type=non_negative_int, default=2_000,
-                     help="steps with the image losses off, so the scanner learns to see the stamp before "
-                          "L_rr and L_ps start shrinking it")
+    opt.add_argument("--warmup_steps", type=non_negative_int, default=0,
+                     help="steps with the image losses off before the ramp. Beware: with no image loss the "
+                          "encoder can settle on a saturated colour cast that tanh never lets go of (seen at "
+                          "300 steps on CPU); the linear ramp alone was what worked")
     opt.add_argument("--ramp_steps", type=non_negative_int, default=10_000,
-                     help="steps over which the image-loss weights (img_w, lps_w) then rise linearly to full")
+                     help="steps over which the image-loss weights (img_w, lps_w) rise linearly from 0 to full, "
+                          "so the scanner finds the stamp before L_rr and L_ps shrink it")
 
     log = p.add_argument_group("logging and checkpoints")
     log.add_argument("--log_every", type=positive_int, default=50, help="steps between TensorBoard scalars")
