@@ -58,14 +58,6 @@ class RunDir:
     def model(self) -> Path:
         return self.root / "model"
 
-    def previous_args(self) -> dict | None:
-        if not self.args_json.is_file():
-            return None
-        try:
-            return json.loads(self.args_json.read_text())
-        except json.JSONDecodeError:
-            return None
-
     def write_args(self, args: dict) -> None:
         payload = {**args, "git_commit": git_commit()}
         self.args_json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
