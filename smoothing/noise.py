@@ -34,5 +34,4 @@ def gaussian_noise_view(std: float) -> ViewFn:
     def noisy_view(pair: torch.Tensor, step: int) -> list[View]:
         return [View("noisy", pair + std * torch.randn_like(pair))]
 
-    noisy_view.std = std  # so that a caller can read back what it was built with
     return noisy_view
