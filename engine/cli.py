@@ -39,6 +39,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in (0, 1], got {text}")
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults, and keep the script docstring's line breaks (its example commands)."""
 

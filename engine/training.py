@@ -40,13 +40,25 @@ def plain_view(pair: torch.Tensor, step: int) -> list[View]:
     return [View("plain", pair)]
 
 
+def combine_views(*view_fns: ViewFn) -> ViewFn:
+    """One view function that returns the views of all of `view_fns`, in order."""
+    def views(pair: torch.Tensor, step: int) -> list[View]:
+        return [v for fn in view_fns for v in fn(pair, step)]
+    return views
+
+
+def linear_ramp(step: int, start: int, end: int) -> float:
+    """0 before `start`, 1 from `end` on, linear in between (a step at `end` when start == end)."""
+    if step >= end:
+        return 1.0
+    if step < start:
+        return 0.0
+    return (step - start) / (end - start)
+
+
 def image_loss_ramp(step: int, warmup_steps: int, ramp_steps: int) -> float:
     """Weight factor of the image losses: 0 for warmup_steps, then linear to 1 over ramp_steps."""
-    if step < warmup_steps:
-        return 0.0
-    if ramp_steps == 0:
-        return 1.0
-    return min(1.0, (step - warmup_steps) / ramp_steps)
+    return linear_ramp(step, warmup_steps, warmup_steps + ramp_steps)
 
 
 def _forever(loader):
@@ -209,8 +221,15 @@ class _Run:
         with torch.no_grad():
             residual = self.encoder(x).float()
         self.encoder.train()
-        grid = make_grid(preview_rows(x, (x + residual).clamp(0, 1), residual), nrow=x.shape[0])
+        stamped = (x + residual).clamp(0, 1)
+        grid = make_grid(preview_rows(x, stamped, residual), nrow=x.shape[0])
         self.writer.add_image("val/original | stamped | residual (amplified)", grid, step)
+        with torch.no_grad():
+            for view in self.views(torch.cat([x, stamped]), step):
+                if view.name != "plain":
+                    # what the scanner trains on: clean above, stamped below (noise clipped for display)
+                    grid = make_grid(view.images.float().clamp(0, 1), nrow=x.shape[0])
+                    self.writer.add_image(f"val/view {view.name}: clean | stamped", grid, step)
         return metrics
 
 

@@ -7,6 +7,6 @@
   TSV and table functions are reused by evaluate.py.
 """
 from .core import ABSTAIN, Smooth, lower_confidence_bound
-from .noise import gaussian_noise_view
+from .noise import add_std_flag, gaussian_noise_view
 
-__all__ = ["ABSTAIN", "Smooth", "gaussian_noise_view", "lower_confidence_bound"]
+__all__ = ["ABSTAIN", "Smooth", "add_std_flag", "gaussian_noise_view", "lower_confidence_bound"]

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from engine.cli import positive_float
 from engine.losses import View
 from engine.training import ViewFn
 
@@ -35,3 +36,10 @@ def gaussian_noise_view(std: float) -> ViewFn:
         return [View("noisy", pair + std * torch.randn_like(pair))]
 
     return noisy_view
+
+
+def add_std_flag(group) -> None:
+    """The --std flag of train_rs.py and train_rs_aug.py."""
+    group.add_argument("--std", type=positive_float, default=0.5,
+                       help="std σ of the Gaussian noise added to the scanner's input, in [0,1] pixel units (the "
+                            "paper: 0.25, 0.5, 0.75); certify with the same sigma")

@@ -19,3 +19,13 @@ def photo_folder(tmp_path_factory):
         low = rng.uniform(0, 255, (h // 8 + 2, w // 8 + 2, 3)).astype(np.uint8)
         Image.fromarray(low).resize((w, h), Image.BICUBIC).save(folder / f"im{i}.png")
     return folder
+
+
+def tensorboard_tags(tb_dir) -> set:
+    """Every scalar and image tag a run wrote to TensorBoard."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    tags = set()
+    for path in tb_dir.glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            tags.update(value.tag for value in event.summary.value)
+    return tags

@@ -15,7 +15,7 @@ from smoothing import ABSTAIN, Smooth, gaussian_noise_view
 from smoothing.certify import (RADII, TSV_COLUMNS, CertifyRow, certified_accuracy, format_table, read_tsv,
                                write_tsv)
 from smoothing.certify import main as certify_main
-from conftest import TINY_TRAIN_FLAGS as TINY
+from conftest import TINY_TRAIN_FLAGS as TINY, tensorboard_tags
 
 SHAPE = (3, 4, 4)  # a tiny "image": the statistics do not depend on its size
 
@@ -198,21 +198,12 @@ def rs_run(tmp_path_factory, photo_folder):
     return results / "rs"
 
 
-def _scalar_tags(tb_dir) -> set:
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    tags = set()
-    for path in tb_dir.glob("events.out.tfevents.*"):
-        for event in EventFileLoader(str(path)).Load():
-            tags.update(value.tag for value in event.summary.value)
-    return tags
-
-
 def test_train_rs_runs_a_few_steps_on_the_noisy_view(rs_run):
     checkpoint = torch.load(rs_run / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["step"] == 3
     assert (rs_run / "model" / "scanner.safetensors").is_file()
     assert json.loads((rs_run / "args.json").read_text())["std"] == 0.25
-    tags = _scalar_tags(rs_run / "tb")
+    tags = tensorboard_tags(rs_run / "tb")
     assert {"acc/noisy", "L_A/noisy"} <= tags and "acc/plain" not in tags
 
 

@@ -1,0 +1,341 @@
+"""The corruptions a forwarded photo meets, one `nn.Module` each.
+
+Contract shared by every corruption (`Corruption.forward(x, strength=None)`):
+
+- x: (B,3,H,W) floating point in [0,1], any H and W. The output has the same shape, dtype and device, in [0,1].
+- strength: None (= 1, the full range), a number, or a (B,) tensor, each in [0,1]. Every sample draws its own
+  random parameters from the module's ranges, and strength s moves them from the identity towards that draw:
+  `parameter = identity + s·(U(lo, hi) − identity)`. A sample with strength 0 is returned unchanged, exactly
+  (so the stochastic chain switches a corruption off per sample by giving it strength 0).
+- Differentiable with respect to x. Real JPEG (Pillow) is not, so its gradient is the straight-through
+  (identity) one: BPDA (Athalye et al., 2018), which also lets attacks see through it.
+- Random draws use torch's global generator on x's device: torch.manual_seed (and the RNG state a training
+  checkpoint restores) makes them repeatable.
+
+kornia does the image operations. What it lacks and is written here: per-sample disk (defocus) kernels, and
+per-sample kernel sizes and output sizes (kornia's blur takes one kernel size per batch and its resize one
+output size per batch).
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import kornia
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+Range = tuple[float, float]
+
+
+def _as_range(name: str, value, low: float = -math.inf, high: float = math.inf) -> Range:
+    lo, hi = (value, value) if isinstance(value, (int, float)) else value
+    lo, hi = float(lo), float(hi)
+    if not (low <= lo <= hi <= high):
+        raise ValueError(f"{name} must be a range (lo, hi) with {low} <= lo <= hi <= {high}, got {value}")
+    return lo, hi
+
+
+class Corruption(nn.Module):
+    """Base class: validates the input and the strength, draws nothing itself, keeps strength-0 samples."""
+
+    #: the registry name (augment.registry.CORRUPTIONS)
+    name: str = ""
+
+    def forward(self, x: torch.Tensor, strength: float | torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
+            raise ValueError(f"{type(self).__name__} expects a float (B,3,H,W) batch, got {tuple(x.shape)} "
+                             f"{x.dtype}")
+        s = self._strength(strength, x)
+        y = self.corrupt(x, s).clamp(0, 1).to(x.dtype)
+        return torch.where(s.view(-1, 1, 1, 1) > 0, y, x)
+
+    def corrupt(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x (B,3,H,W), s (B,) in [0,1] in x's dtype → the corrupted batch (clamped by the caller)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _strength(strength, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        if strength is None:
+            return x.new_ones(b)
+        s = torch.as_tensor(strength, dtype=x.dtype, device=x.device)
+        if s.ndim == 0:
+            s = s.expand(b)
+        if s.shape != (b,):
+            raise ValueError(f"strength must be a number or a ({b},) tensor, got shape {tuple(s.shape)}")
+        if not torch.compiler.is_compiling() and x.device.type == "cpu" and not bool(((s >= 0) & (s <= 1)).all()):
+            raise ValueError(f"strength must lie in [0, 1], got {s.tolist()}")
+        return s
+
+    @staticmethod
+    def _uniform(rng: Range, like: torch.Tensor) -> torch.Tensor:
+        """(B,) draws from U(lo, hi), in the dtype and device of `like` (B,)."""
+        lo, hi = rng
+        return lo + (hi - lo) * torch.rand(like.shape, dtype=like.dtype, device=like.device)
+
+    @staticmethod
+    def _sign(like: torch.Tensor) -> torch.Tensor:
+        return torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
+
+
+class Rotation(Corruption):
+    """Rotation about the centre by ±U(degrees) (random sign); corners are filled per `padding_mode`."""
+
+    name = "rotation"
+
+    def __init__(self, degrees: Range = (0.0, 30.0), padding_mode: str = "zeros"):
+        super().__init__()
+        self.degrees = _as_range("degrees", degrees, 0, 180)
+        self.padding_mode = padding_mode
+
+    def corrupt(self, x, s):
+        angle = s * self._sign(s) * self._uniform(self.degrees, s)
+        return kornia.geometry.transform.rotate(x, angle, padding_mode=self.padding_mode)
+
+    def extra_repr(self):
+        return f"degrees={self.degrees}, padding_mode={self.padding_mode!r}"
+
+
+class ResizedCrop(Corruption):
+    """A random crop covering `scale` of the area with aspect ratio in `ratio`, resized back to the input size."""
+
+    name = "crop"
+
+    def __init__(self, scale: Range = (0.7, 1.0), ratio: Range = (3 / 4, 4 / 3)):
+        super().__init__()
+        self.scale = _as_range("scale", scale, 0.01, 1)
+        self.ratio = _as_range("ratio", ratio, 0.1, 10)
+
+    def corrupt(self, x, s):
+        h, w = x.shape[-2:]
+        area = 1 - s * (1 - self._uniform(self.scale, s))
+        log_ratio = s * self._uniform((math.log(self.ratio[0]), math.log(self.ratio[1])), s)
+        cw = (torch.sqrt(area * log_ratio.exp()) * w).clamp(1, w)
+        ch = (torch.sqrt(area / log_ratio.exp()) * h).clamp(1, h)
+        x0 = torch.rand_like(s) * (w - cw)
+        y0 = torch.rand_like(s) * (h - ch)
+        x1, y1 = x0 + cw - 1, y0 + ch - 1
+        boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
+                             torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], 1)
+        return kornia.geometry.transform.crop_and_resize(x, boxes, (h, w))
+
+    def extra_repr(self):
+        return f"scale={self.scale}, ratio=({self.ratio[0]:.3g}, {self.ratio[1]:.3g})"
+
+
+class ColorJitter(Corruption):
+    """Brightness, contrast and saturation factors 1 ± U(0, ·), hue shift ± U(0, hue) turns (torchvision's
+    semantics, kornia's functions), applied in that order."""
+
+    name = "jitter"
+
+    def __init__(self, brightness: float = 0.3, contrast: float = 0.3, saturation: float = 0.3, hue: float = 0.3):
+        super().__init__()
+        self.brightness = _as_range("brightness", brightness, 0, 1)[1]
+        self.contrast = _as_range("contrast", contrast, 0, 1)[1]
+        self.saturation = _as_range("saturation", saturation, 0, 1)[1]
+        self.hue = _as_range("hue", hue, 0, 0.5)[1]
+
+    def corrupt(self, x, s):
+        def factor(amount):
+            return 1 + s * self._uniform((-amount, amount), s)
+
+        e = kornia.enhance
+        x = e.adjust_brightness_accumulative(x, factor(self.brightness))
+        x = e.adjust_contrast_with_mean_subtraction(x, factor(self.contrast))
+        x = e.adjust_saturation_with_gray_subtraction(x, factor(self.saturation))
+        return e.adjust_hue(x.clamp(0, 1), 2 * math.pi * s * self._uniform((-self.hue, self.hue), s))
+
+    def extra_repr(self):
+        return (f"brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation}, "
+                f"hue={self.hue}")
+
+
+def _odd_sizes(kernel_size: Range, s: torch.Tensor) -> torch.Tensor:
+    """(B,) odd kernel sizes drawn uniformly from the odd numbers in kernel_size."""
+    lo, hi = int(kernel_size[0]) // 2, int(kernel_size[1]) // 2
+    return 2 * torch.randint(lo, hi + 1, s.shape, device=s.device) + 1
+
+
+def _window(kernels: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Zero each (B,k,k) kernel outside its centred sizes[i]×sizes[i] window and renormalise to sum 1."""
+    k = kernels.shape[-1]
+    offset = (torch.arange(k, device=kernels.device) - k // 2).abs()
+    inside = (offset[None, :] <= sizes[:, None] // 2)
+    kernels = kernels * (inside[:, :, None] & inside[:, None, :])
+    return kernels / kernels.sum((1, 2), keepdim=True)
+
+
+class GaussianBlur(Corruption):
+    """Gaussian blur with a per-sample odd kernel size in `kernel_size` and σ = U(sigma)."""
+
+    name = "gaussian_blur"
+
+    def __init__(self, kernel_size: Range = (3, 7), sigma: Range = (1.0, 3.0)):
+        super().__init__()
+        self.kernel_size = tuple(int(k) for k in _as_range("kernel_size", kernel_size, 1, 63))
+        self.sigma = _as_range("sigma", sigma, 0, 50)
+
+    def corrupt(self, x, s):
+        kmax = 2 * (self.kernel_size[1] // 2) + 1
+        sigma = (s * self._uniform(self.sigma, s)).clamp_min(1e-3)
+        kernels = kornia.filters.get_gaussian_kernel2d(kmax, sigma[:, None].expand(-1, 2))
+        kernels = _window(kernels.to(x.dtype), _odd_sizes(self.kernel_size, s))
+        return kornia.filters.filter2d(x, kernels, border_type="reflect")
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, sigma={self.sigma}"
+
+
+class DefocusBlur(Corruption):
+    """Defocus: a disk kernel of radius U(radius) px softened by a Gaussian of σ = alias_blur, as in
+    ImageNet-C (Hendrycks & Dietterich, 2019), whose severities 1–5 are radius 3, 4, 6, 8, 10."""
+
+    name = "defocus"
+
+    def __init__(self, radius: Range = (1.0, 3.0), alias_blur: float = 0.5):
+        super().__init__()
+        self.radius = _as_range("radius", radius, 0, 30)
+        self.alias_blur = _as_range("alias_blur", alias_blur, 0, 5)[1]
+
+    def corrupt(self, x, s):
+        # kornia has no disk kernel: build one per sample (ImageNet-C's `disk`, without OpenCV).
+        radius = s * self._uniform(self.radius, s)
+        half = math.ceil(self.radius[1] + 3 * self.alias_blur)
+        grid = torch.arange(-half, half + 1, dtype=x.dtype, device=x.device)
+        dist2 = grid[None, :, None] ** 2 + grid[None, None, :] ** 2
+        disks = (dist2 <= radius.view(-1, 1, 1) ** 2).to(x.dtype)  # the centre pixel is always in: never empty
+        if self.alias_blur > 0:
+            sigma = (s * self.alias_blur).clamp_min(1e-3)[:, None].expand(-1, 2)
+            alias = kornia.filters.get_gaussian_kernel2d(2 * half + 1, sigma).to(x.dtype)
+            disks = kornia.filters.filter2d(disks[:, None], alias, border_type="constant")[:, 0]
+        disks = disks / disks.sum((1, 2), keepdim=True)
+        return kornia.filters.filter2d(x, disks, border_type="reflect")
+
+    def extra_repr(self):
+        return f"radius={self.radius}, alias_blur={self.alias_blur}"
+
+
+class Perspective(Corruption):
+    """Perspective warp: each corner moves inwards by up to d·(W/2, H/2), d = U(distortion), as in kornia's
+    RandomPerspective; the uncovered area is filled per `padding_mode`."""
+
+    name = "perspective"
+
+    def __init__(self, distortion: Range = (0.0, 0.1), padding_mode: str = "zeros"):
+        super().__init__()
+        self.distortion = _as_range("distortion", distortion, 0, 1)
+        self.padding_mode = padding_mode
+
+    def corrupt(self, x, s):
+        h, w = x.shape[-2:]
+        corners = x.new_tensor([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]).expand(x.shape[0], 4, 2)
+        inwards = x.new_tensor([[1, 1], [-1, 1], [-1, -1], [1, -1]])
+        d = (s * self._uniform(self.distortion, s)).view(-1, 1, 1)
+        moved = corners + inwards * d * x.new_tensor([w / 2, h / 2]) * torch.rand_like(corners)
+        matrix = kornia.geometry.transform.get_perspective_transform(corners, moved)
+        return kornia.geometry.transform.warp_perspective(x, matrix, (h, w), padding_mode=self.padding_mode)
+
+    def extra_repr(self):
+        return f"distortion={self.distortion}, padding_mode={self.padding_mode!r}"
+
+
+class GaussianNoise(Corruption):
+    """Additive pixel noise N(0, σ²), σ = U(std), clipped to [0,1] (unlike the smoothing noise, which is not)."""
+
+    name = "noise"
+
+    def __init__(self, std: Range = (0.01, 0.05)):
+        super().__init__()
+        self.std = _as_range("std", std, 0, 1)
+
+    def corrupt(self, x, s):
+        std = s * self._uniform(self.std, s)
+        return x + std.view(-1, 1, 1, 1) * torch.randn_like(x)
+
+    def extra_repr(self):
+        return f"std={self.std}"
+
+
+class DownUpResize(Corruption):
+    """Anti-aliased bilinear down-scaling by a factor U(scale) per side, then back up to the input size, as a
+    platform's thumbnailer or a re-upload at lower resolution does."""
+
+    name = "resize"
+
+    def __init__(self, scale: Range = (0.5, 1.0)):
+        super().__init__()
+        self.scale = _as_range("scale", scale, 0.05, 1)
+
+    def corrupt(self, x, s):
+        # kornia and torch resize a batch to one size; each sample here has its own. Sampling the small image
+        # into the top-left corner of an H×W canvas and reading it back with per-sample grids keeps it batched.
+        b, _, h, w = x.shape
+        factor = 1 - s * (1 - self._uniform(self.scale, s))
+        small_h, small_w = (factor * h).round().clamp_min(1), (factor * w).round().clamp_min(1)
+        rows = torch.arange(h, dtype=x.dtype, device=x.device)
+        cols = torch.arange(w, dtype=x.dtype, device=x.device)
+
+        def sample(image, src_h, src_w, dst_h, dst_w):
+            # pixel-centre mapping of a dst_h×dst_w image onto a src_h×src_w one (both in the top-left corner)
+            ys = ((rows + 0.5) * (src_h / dst_h)[:, None] - 0.5).clamp(min=0).minimum(src_h[:, None] - 1)
+            xs = ((cols + 0.5) * (src_w / dst_w)[:, None] - 0.5).clamp(min=0).minimum(src_w[:, None] - 1)
+            grid = torch.stack([(2 * xs / max(w - 1, 1) - 1)[:, None, :].expand(b, h, w),
+                                (2 * ys / max(h - 1, 1) - 1)[:, :, None].expand(b, h, w)], -1)
+            return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+        # Anti-alias first, as Pillow and skimage do: a Gaussian of σ = (1/factor − 1)/2 (skimage's rescale).
+        sigma = ((1 / factor - 1) / 2).clamp_min(1e-3)[:, None].expand(-1, 2)
+        ksize = 2 * math.ceil(3 * (1 / self.scale[0] - 1) / 2) + 1
+        if ksize > 1:
+            x = kornia.filters.filter2d(x, kornia.filters.get_gaussian_kernel2d(ksize, sigma).to(x.dtype),
+                                        border_type="reflect")
+        full_h, full_w = torch.full_like(s, h), torch.full_like(s, w)
+        return sample(sample(x, full_h, full_w, small_h, small_w), small_h, small_w, full_h, full_w)
+
+    def extra_repr(self):
+        return f"scale={self.scale}"
+
+
+class JPEG(Corruption):
+    """JPEG compression at quality U(quality) (1–100), per sample.
+
+    mode "differentiable": kornia's `jpeg_codec_differentiable` (Reich et al., 2024), for training.
+    mode "real": Pillow's libjpeg encode/decode of the 8-bit image, 4:2:0 as Pillow's default, for
+    evaluation; its gradient is the identity (BPDA).
+    """
+
+    name = "jpeg"
+    MODES = ("differentiable", "real")
+
+    def __init__(self, quality: Range = (50.0, 100.0), mode: str = "differentiable"):
+        super().__init__()
+        self.quality = _as_range("quality", quality, 1, 100)
+        if mode not in self.MODES:
+            raise ValueError(f"JPEG mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
+
+    def corrupt(self, x, s):
+        quality = 100 - s * (100 - self._uniform(self.quality, s))
+        if self.mode == "differentiable":
+            return kornia.enhance.jpeg_codec_differentiable(x, quality)
+        return pillow_jpeg(x.detach(), quality) + (x - x.detach())  # exact values, identity gradient
+
+    def extra_repr(self):
+        return f"quality={self.quality}, mode={self.mode!r}"
+
+
+def pillow_jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """Real JPEG round trip with Pillow: x (B,3,H,W) in [0,1], quality (B,) → decoded batch, same dtype/device."""
+    out = []
+    for image, q in zip(x.float().cpu(), quality.tolist()):
+        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(round(q)))
+        decoded = np.asarray(Image.open(buffer).convert("RGB"))
+        out.append(torch.from_numpy(decoded.copy()).permute(2, 0, 1))
+    return (torch.stack(out).to(x.device, x.dtype)) / 255

@@ -1,0 +1,235 @@
+"""augment/: every corruption's contract, real vs differentiable JPEG, the chain, its view, train_rs_aug.py."""
+import io
+import json
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+import train_rs_aug
+from augment import CORRUPTIONS, JPEG, PRESETS, DownUpResize, StochasticChain, build, parse_names, pillow_jpeg
+from augment.view import augmented_noisy_view
+from engine.training import linear_ramp
+from conftest import TINY_TRAIN_FLAGS as TINY, tensorboard_tags
+
+ALL = list(CORRUPTIONS)
+
+
+def _photo(h=37, w=53, batch=2, dtype=torch.float32, top=100):
+    """Crops of a real photo (scikit-image's astronaut) at an odd size."""
+    image = torch.from_numpy(skimage.data.astronaut()).permute(2, 0, 1).to(dtype) / 255
+    return torch.stack([image[:, top + 31 * i:top + 31 * i + h, 180:180 + w] for i in range(batch)])
+
+
+# ------------------------------------------------------------------------------------- every corruption
+
+@pytest.mark.parametrize("preset", ["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ALL)
+def test_shape_dtype_and_range_are_kept_on_odd_sizes(name, dtype, preset):
+    x = _photo(dtype=dtype)
+    y = build(name, preset)(x)
+    assert y.shape == x.shape and y.dtype == dtype and y.device == x.device
+    assert 0 <= y.min() and y.max() <= 1
+    assert (y - x).abs().mean() > 1e-3  # it did something
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradient_is_finite_and_non_zero(name):
+    x = _photo().requires_grad_()
+    (build(name, "train")(x) * torch.linspace(0, 1, 53)).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_fixed_strength_and_seed_give_the_same_output(name):
+    x, corruption = _photo(), build(name, "eval")
+    torch.manual_seed(3)
+    a = corruption(x, 0.7)
+    torch.manual_seed(3)
+    b = corruption(x, 0.7)
+    torch.manual_seed(4)
+    c = corruption(x, 0.7)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_strength_zero_is_the_identity_and_the_change_grows_with_strength(name):
+    x, corruption = _photo(batch=4), build(name, "train")
+    assert torch.equal(corruption(x, 0.0), x)
+    changes = []
+    for s in (0.5, 1.0):
+        torch.manual_seed(0)
+        changes.append((corruption(x, s) - x).abs().mean().item())
+    assert 0 < changes[0] < changes[1]
+    # per sample: strength 0 leaves exactly that sample alone
+    y = corruption(x, torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    assert torch.equal(y[0], x[0]) and torch.equal(y[2], x[2]) and not torch.equal(y[1], x[1])
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_repr_names_the_ranges(name):
+    text = repr(build(name, "train"))
+    assert text.startswith(type(build(name)).__name__ + "(") and "=" in text
+
+
+def test_bad_strength_and_input_are_refused():
+    rotation = build("rotation")
+    with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\]"):
+        rotation(_photo(), 1.5)
+    with pytest.raises(ValueError, match="strength must be a number or a"):
+        rotation(_photo(), torch.ones(3))
+    with pytest.raises(ValueError, match="float"):
+        rotation(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="degrees must be a range"):
+        build("rotation", degrees=(30, 10))
+    with pytest.raises(ValueError, match="mode"):
+        JPEG(mode="fast")
+
+
+def test_parameters_are_drawn_per_sample():
+    x = _photo(batch=1).expand(6, -1, -1, -1)
+    for name in ALL:
+        y = build(name, "train")(x)
+        assert not torch.equal(y[0], y[1]), name
+
+
+# ------------------------------------------------------------------------------------------ JPEG
+
+@pytest.mark.parametrize("quality", [50, 75, 90])
+def test_differentiable_jpeg_is_within_35_db_of_pillow(quality):
+    x = _photo(h=96, w=128, batch=2)
+    q = torch.full((2,), float(quality))
+    real = JPEG(quality=(quality, quality), mode="real")(x)
+    differentiable = JPEG(quality=(quality, quality))(x)
+    assert torch.equal(real, pillow_jpeg(x, q))
+    assert peak_signal_noise_ratio(differentiable, real, data_range=1.0) >= 35
+    assert peak_signal_noise_ratio(real, x, data_range=1.0) < 45  # it did compress
+
+
+def test_real_jpeg_is_pillows_codec_with_an_identity_gradient():
+    x = _photo(batch=1)
+    pixels = (x[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=60)
+    expected = torch.from_numpy(np.array(Image.open(buffer))).permute(2, 0, 1).float() / 255
+    x.requires_grad_()
+    y = JPEG(quality=(60, 60), mode="real")(x)
+    assert torch.equal(y[0].detach(), expected)
+    y.sum().backward()
+    inside = (y > 0) & (y < 1)  # the final clamp to [0,1] may stop the gradient at the ends
+    assert inside.float().mean() > 0.99 and torch.equal(x.grad[inside], torch.ones_like(x)[inside])
+
+
+def test_down_up_resize_at_half_size_matches_pillow_closely():
+    x = _photo(h=96, w=128, batch=1)
+    ours = DownUpResize(scale=(0.5, 0.5))(x)
+    pil = Image.fromarray((x[0] * 255).round().byte().permute(1, 2, 0).numpy())
+    pil = pil.resize((64, 48), Image.BILINEAR).resize((128, 96), Image.BILINEAR)
+    reference = torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255
+    assert peak_signal_noise_ratio(ours, reference, data_range=1.0) > 30
+
+
+# ------------------------------------------------------------------------------------ registry, chain
+
+def test_registry_names_presets_and_errors():
+    assert parse_names("all") == ALL
+    assert parse_names(" jpeg, rotation ") == ["jpeg", "rotation"]
+    with pytest.raises(ValueError, match="unknown corruption 'blurr'"):
+        parse_names("jpeg,blurr")
+    with pytest.raises(ValueError, match="twice"):
+        parse_names("jpeg,jpeg")
+    with pytest.raises(ValueError, match="unknown preset"):
+        build("jpeg", "hard")
+    assert set(PRESETS["train"]) == set(PRESETS["eval"]) == set(ALL)
+    assert build("jpeg", "eval").mode == "real" and build("jpeg").mode == "differentiable"
+    assert build("rotation", degrees=(0, 5)).degrees == (0.0, 5.0)
+    # the paper's training ranges are covered
+    train = {n: build(n) for n in ALL}
+    assert train["crop"].scale[0] <= 0.7 and train["rotation"].degrees[1] >= 30
+    assert min(train["jitter"].brightness, train["jitter"].contrast, train["jitter"].saturation) >= 0.3
+    assert train["gaussian_blur"].kernel_size == (3, 7) and train["gaussian_blur"].sigma == (1.0, 3.0)
+    assert train["perspective"].distortion[1] >= 0.1 and train["jpeg"].quality[0] <= 50
+
+
+def test_chain_draws_per_sample_subsets_and_strengths():
+    torch.manual_seed(0)
+    x = _photo(batch=1).expand(16, -1, -1, -1)
+    y = StochasticChain.from_names("all", p=0.5)(x)
+    changed = [(y[i] - x[i]).abs().mean().item() for i in range(16)]
+    assert len({round(c, 6) for c in changed}) == 16  # every sample got its own corruption
+    assert torch.equal(StochasticChain.from_names("all")(x, 0.0), x)
+    y = StochasticChain.from_names("noise", p=0.5)(x)
+    untouched = sum(torch.equal(y[i], x[i]) for i in range(16))
+    assert 2 <= untouched <= 14  # each sample skips a corruption with probability 1 - p
+
+
+def test_chain_order_is_drawn_per_batch():
+    """Two deterministic corruptions that do not commute: both orders occur, and nothing else."""
+    x = _photo(batch=1)
+    resize, jpeg = DownUpResize(scale=(0.5, 0.5)), JPEG(quality=(40, 40), mode="real")
+    orders = {"resize, jpeg": jpeg(resize(x)), "jpeg, resize": resize(jpeg(x))}
+    chain = StochasticChain([resize, jpeg], p=1.0)
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        y = chain(x)
+        seen |= {k for k, v in orders.items() if torch.equal(y, v)}
+    assert seen == set(orders)
+
+
+def test_chain_refuses_bad_settings():
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        StochasticChain.from_names("jpeg", p=0)
+    with pytest.raises(ValueError, match="at least one"):
+        StochasticChain([])
+
+
+def test_linear_ramp_and_the_augmented_view():
+    assert [linear_ramp(s, 10, 20) for s in (0, 9, 10, 15, 20, 99)] == [0, 0, 0, 0.5, 1, 1]
+    assert linear_ramp(5, 5, 5) == 1.0 and linear_ramp(4, 5, 5) == 0.0
+    view = augmented_noisy_view(StochasticChain.from_names("rotation", p=1.0), std=0.5, aug_start=10, aug_end=20)
+    pair = _photo(batch=4)
+    assert view(pair, 5) == []
+    (v,) = view(pair, 15)
+    assert v.name == "aug" and v.weight == 0.5 and v.images.shape == pair.shape
+    assert v.images.min() < 0 or v.images.max() > 1  # the smoothing noise is not clamped
+    assert 0.4 < (v.images - pair).std() < 0.6
+
+
+# ---------------------------------------------------------------------------------------- the script
+
+def test_train_rs_aug_runs_logs_the_augmented_view_and_resumes(tmp_path, photo_folder, capsys):
+    def run(max_step):
+        return train_rs_aug.main(["--run_name", "aug", "--results_dir", str(tmp_path), "--max_step", str(max_step),
+                                  "--std", "0.25", "--aug_start", "1", "--aug_end", "4", "--augs", "rotation,jpeg",
+                                  "--aug_prob", "0.7", "--train_path", str(photo_folder), *TINY])
+
+    summary = run(3)
+    run_dir = tmp_path / "aug"
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    tags = tensorboard_tags(run_dir / "tb")
+    assert {"acc/plain", "acc/noisy", "acc/aug", "L_A/aug", "val/acc/aug"} <= tags
+    assert "val/view aug: clean | stamped" in tags and "val/view noisy: clean | stamped" in tags
+    assert {"acc/noisy", "acc/aug"} <= set(summary["test_crops"])  # plain is "acc" itself
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["augs"] == "rotation,jpeg" and args["aug_prob"] == 0.7
+
+    capsys.readouterr()
+    run(5)
+    assert "at step 3" in capsys.readouterr().out
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--augs", "rotation,blurr"], "--augs: unknown corruption 'blurr'"),
+    (["--aug_prob", "1.5"], "--aug_prob"),
+    (["--aug_start", "10", "--aug_end", "5"], "--aug_end (5) must not be before --aug_start (10)"),
+])
+def test_train_rs_aug_refuses_bad_flags_by_name(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        train_rs_aug.main(["--run_name", "x", "--results_dir", str(tmp_path), *flags, *TINY])
+    assert message in capsys.readouterr().err
