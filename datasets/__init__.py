@@ -3,7 +3,6 @@
 Images leave this package as float32 tensors of shape (3, H, W) in [0, 1].
 """
 
-from .folder import ImageFolderDataset, UnreadableImageWarning
 from .images import (IMAGE_EXTENSIONS, ImageReadError, NoImagesError, find_images,
                      is_image_file, load_rgb, probe_image, to_rgb, to_tensor)
 from .samples import SAMPLE_PHOTOS, resolve_image_paths, sample_photo_paths
@@ -15,3 +14,13 @@ __all__ = [
     "load_rgb", "probe_image", "resolve_image_paths", "sample_photo_paths",
     "split_files", "to_rgb", "to_tensor",
 ]
+
+
+def __getattr__(name: str):
+    # The crop dataset needs torch; importing it on first use keeps `import datasets` (and so
+    # `python -m datasets.prepare` and its worker processes) to Pillow and numpy.
+    if name in ("ImageFolderDataset", "UnreadableImageWarning"):
+        from . import folder
+        value = globals()[name] = getattr(folder, name)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

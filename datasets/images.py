@@ -13,12 +13,14 @@ import os
 import struct
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from torchvision.transforms.functional import pil_to_tensor
+
+# torch is imported inside to_tensor, so that reading images (datasets.prepare) needs only Pillow.
+if TYPE_CHECKING:
+    import torch
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -242,6 +244,9 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
     Non-RGB images are first converted with :func:`to_rgb`.
     """
+    import torch
+    from torchvision.transforms.functional import pil_to_tensor
+
     return pil_to_tensor(to_rgb(img)).to(torch.float32).div_(255.0)
 
 
