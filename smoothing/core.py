@@ -106,8 +106,23 @@ class Smooth:
         Returns:
             The predicted class index (int), or ABSTAIN (-1).
         """
-        n, batch_size, alpha = _check_count("n", n), _check_count("batch_size", batch_size), _check_alpha(alpha)
-        counts = self._sample_counts(x, n, batch_size, generator)
+        alpha = _check_alpha(alpha)
+        return self.decide(self.counts(x, n, batch_size, generator), alpha)
+
+    def counts(self, x: torch.Tensor, n: int = 100_000, batch_size: int = 400,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """How often the base scanner answers each class on n noisy copies of one image x → int64 CPU (C,).
+
+        `decide(counts, alpha)` turns them into PREDICT's answer; counts[STAMPED] / n is a detection score.
+        """
+        n, batch_size = _check_count("n", n), _check_count("batch_size", batch_size)
+        return self._sample_counts(x, n, batch_size, generator)
+
+    @staticmethod
+    def decide(counts: torch.Tensor, alpha: float = 0.001) -> int:
+        """PREDICT's decision from class counts: the top class if a two-sided binomial test of the top two
+        counts against p = 1/2 gives a p-value ≤ alpha, else ABSTAIN."""
+        alpha = _check_alpha(alpha)
         top2 = torch.topk(counts, k=min(2, counts.numel())).indices.tolist()
         count1 = int(counts[top2[0]])
         count2 = int(counts[top2[1]]) if len(top2) > 1 else 0

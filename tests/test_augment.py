@@ -10,6 +10,7 @@ from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 import train_rs_aug
+from augment import benchmark, gallery
 from augment import CORRUPTIONS, JPEG, PRESETS, DownUpResize, StochasticChain, build, parse_names, pillow_jpeg
 from augment.view import augmented_noisy_view
 from engine.training import linear_ramp
@@ -233,3 +234,23 @@ def test_train_rs_aug_refuses_bad_flags_by_name(tmp_path, capsys, flags, message
     with pytest.raises(SystemExit):
         train_rs_aug.main(["--run_name", "x", "--results_dir", str(tmp_path), *flags, *TINY])
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ picture, benchmark
+
+def test_gallery_draws_every_corruption_and_keeps_an_existing_file(tmp_path, capsys):
+    out = tmp_path / "g.png"
+    gallery.main(["--out", str(out), "--tile", "24"])
+    with Image.open(out) as image:
+        assert image.size == (24 * (len(ALL) + 1), (24 + gallery.LABEL_HEIGHT) * len(PRESETS))
+    before = out.read_bytes()
+    with pytest.raises(SystemExit):
+        gallery.main(["--out", str(out), "--tile", "24"])
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_benchmark_times_every_corruption_and_the_chain(capsys):
+    results = benchmark.main(["--quick", "--sizes", "32", "--device", "cpu"])
+    (row,) = results.values()
+    assert {f"{n} (train)" for n in ALL} <= set(row) and all(ms > 0 for ms in row.values())
+    assert "chain of all nine, p=0.5" in capsys.readouterr().out
