@@ -1,0 +1,334 @@
+"""Turn a trained model into the paper's evidence: detection accuracy under corruptions (Table 1),
+imperceptibility (Table 2), adversarial robustness (Table 3), certified accuracy for smoothed scanners, and
+calibrated detection (ROC-AUC, thresholds for a stated false-block rate).
+
+    python evaluate.py --checkpoint results/demo --quick                  # minutes on CPU
+    python evaluate.py --checkpoint results/rs_aug --data_path PATH/mirflickr_test   # the paper's settings
+
+Everything goes to results/<run>/eval/ (eval/quick/ with --quick): results.json (all numbers, settings,
+seed, commit), tables.md, CSVs, plots, and TensorBoard events (eval/tb).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from datasets import ImageFolderDataset, resolve_image_paths, split_files
+from engine.cli import HelpFormatter, non_negative_int, positive_float, positive_int
+from engine.device import pick_device, seed_everything
+from engine.losses import load_lpips
+from engine.rundir import git_commit
+from models import CLEAN, STAMPED, load_pretrained
+from report.attacks import AttackSettings, robustness_table
+from report.calibration import TARGET_FPRS, operating_point, roc_curve
+from report.conditions import table1_conditions
+from report.detection import accuracy_row, detection_pass, mean_std
+from report.judge import Judge
+from report.plots import write_plots
+from report.tables import render_markdown, write_csvs
+from smoothing import Smooth
+from smoothing.certify import RADII, certified_accuracy, certify_labelled, resolve_model, write_tsv
+
+#: --quick: seconds to minutes on a CPU
+QUICK = dict(max_images=8, predict_n=32, certify_n=200, n0=20, certify_images=4, attack_images=8)
+#: the paper's settings (n = 100,000 for certification); PREDICT uses 1,000 samples per photo and condition
+FULL = dict(max_images=None, predict_n=1000, certify_n=100_000, n0=100, certify_images=100, attack_images=100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder (results/NAME, with model/) or a model folder (with config.json), e.g. "
+                        "pretrained_models/rs_aug")
+    p.add_argument("--data_path", default=None,
+                   help="folder of photos, searched recursively (default: the photos scikit-image ships). When "
+                        "it is the data the run trained on, only the run's held-out test split is used")
+    p.add_argument("--all_images", action="store_true",
+                   help="use every photo in --data_path even if the run trained on it")
+    p.add_argument("--size", type=non_negative_int, default=400,
+                   help="side of the square tiles taken from each photo (the paper: 400); 0 = each photo at "
+                        "its native resolution, one at a time")
+    p.add_argument("--max_images", type=positive_int, default=None,
+                   help="tiles (or photos) to evaluate; several tiles per photo when there are fewer photos "
+                        f"(default: all; {QUICK['max_images']} with --quick)")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="photos stamped and scanned at once")
+    p.add_argument("--quick", action="store_true",
+                   help="few photos, few attack iterations and small n: minutes on CPU; results go to eval/quick/")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: RUN/eval, or results/<model folder name>/eval; /quick appended "
+                        "with --quick)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing results.json in --out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--seed", type=int, default=0, help="seed of corruptions, noise and attacks")
+
+    s = p.add_argument_group("smoothing (for scanners trained with train_rs*.py)")
+    s.add_argument("--judge", choices=["auto", "plain", "smoothed"], default="auto",
+                   help="how verdicts are made: the plain scanner's argmax, or Smooth.predict; auto = smoothed "
+                        "when the run was trained with --std")
+    s.add_argument("--sigma", type=positive_float, default=None, help="smoothing σ (default: the run's --std)")
+    s.add_argument("--predict_n", type=positive_int, default=None,
+                   help=f"noise samples per PREDICT (default {FULL['predict_n']}; {QUICK['predict_n']} quick)")
+    s.add_argument("--alpha", type=positive_float, default=0.001, help="PREDICT's and CERTIFY's failure rate")
+    s.add_argument("--certify_n", type=positive_int, default=None,
+                   help=f"CERTIFY's estimation samples (default {FULL['certify_n']:,}, the paper's; "
+                        f"{QUICK['certify_n']} quick)")
+    s.add_argument("--n0", type=positive_int, default=None,
+                   help=f"CERTIFY's selection samples (default {FULL['n0']}; {QUICK['n0']} quick)")
+    s.add_argument("--certify_images", type=non_negative_int, default=None,
+                   help=f"photos certified, each clean and stamped (default {FULL['certify_images']}; "
+                        f"{QUICK['certify_images']} quick; 0 skips certification)")
+    s.add_argument("--noise_batch", type=positive_int, default=200, help="noisy copies classified at once")
+
+    a = p.add_argument_group("adversarial attacks (Table 3)")
+    a.add_argument("--attack_images", type=non_negative_int, default=None,
+                   help=f"photos attacked, each clean and stamped (default {FULL['attack_images']}; "
+                        f"{QUICK['attack_images']} quick; 0 skips Table 3)")
+    a.add_argument("--eps", default="2,4,8,16,32", help="L∞ budgets in /255 units, comma-separated")
+    a.add_argument("--apgd_iters", type=positive_int, default=None,
+                   help="APGD-CE iterations (default: the paper's 100; few with --quick)")
+    a.add_argument("--square_queries", type=positive_int, default=None,
+                   help="Square queries (default: the paper's 5,000; few with --quick)")
+    a.add_argument("--eot_iter", type=positive_int, default=None,
+                   help="noise draws per APGD gradient in the adaptive attack on smoothed scanners")
+    return p
+
+
+def _eps_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) / 255 for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--eps {text!r}: give numbers in /255 units, e.g. 2,4,8,16,32") from None
+    if not values or any(not (0 <= v <= 1) for v in values):
+        raise ValueError(f"--eps {text!r}: give budgets between 0 and 255 (in /255 units)")
+    return values
+
+
+def _same_data(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return Path(a).resolve() == Path(b).resolve()
+
+
+class Evaluation:
+    """The stages of one evaluation; run() drives them and returns the results dict."""
+
+    STAGES = ["load", "detection and imperceptibility", "calibration", "adversarial attacks", "certification",
+              "write"]
+
+    def __init__(self, args, log=print):
+        self.args, self.log = args, log
+        defaults = QUICK if args.quick else FULL
+        for key, value in defaults.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+        self.eps = _eps_list(args.eps)
+        self.model_dir, self.run_dir, self.run_args = resolve_model(args.checkpoint)
+        base = self.run_dir if self.run_dir is not None else Path("results") / self.model_dir.name
+        self.out = args.out or (base / "eval" / ("quick" if args.quick else ""))
+        if (self.out / "results.json").exists() and not args.overwrite:
+            raise ValueError(f"--out {self.out}: holds results.json from an earlier evaluation; pass --overwrite "
+                             f"to replace it or --out to write elsewhere")
+        trained_std = self.run_args.get("std")
+        smoothed = args.judge == "smoothed" or (args.judge == "auto" and (trained_std or args.sigma))
+        self.sigma = (args.sigma or trained_std) if smoothed else None
+        if smoothed and self.sigma is None:
+            raise ValueError("--judge smoothed needs --sigma: the run gives no training --std")
+
+    # ---------------------------------------------------------------- stages
+    def load(self):
+        args = self.args
+        self.device = pick_device(args.device)
+        seed_everything(args.seed)
+        self.encoder, self.scanner, self.config = load_pretrained(self.model_dir, device=self.device)
+        self.encoder.eval(), self.scanner.eval()
+        paths = resolve_image_paths(args.data_path, log=self.log)
+        self.data_text = str(args.data_path or "the scikit-image sample photos")
+        if self.run_args and not args.all_images and _same_data(args.data_path, self.run_args.get("train_path")):
+            paths = split_files(paths, seed=self.run_args.get("split_seed", 0)).test
+            self.data_text += f" (the run's held-out test split: {', '.join(p.name for p in paths[:6])}" + \
+                              (", ..." if len(paths) > 6 else "") + ")"
+            self.log(f"evaluating on the run's held-out test split of its training data: {len(paths)} photos "
+                     f"(--all_images uses every photo)")
+        if args.size:
+            tiles = math.ceil(args.max_images / len(paths)) if args.max_images else None
+            dataset = ImageFolderDataset(paths, args.size, mode="grid", max_tiles_per_image=tiles)
+            batch = args.batch_size
+        else:
+            dataset = ImageFolderDataset(paths, None, mode="full")
+            batch = 1
+        count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+        self.dataset = torch.utils.data.Subset(dataset, range(count))
+        self.loader = DataLoader(self.dataset, batch_size=batch, shuffle=False)
+        self.photos = len(paths)
+        self.judge = Judge(self.scanner, self.sigma, n=args.predict_n, alpha=args.alpha,
+                           batch_size=args.noise_batch, seed=args.seed)
+        self.lpips_note = None
+        notes = []
+        self.lpips = load_lpips(self.device, log=notes.append)
+        if self.lpips is None:
+            self.lpips_note = "n/a: " + notes[0].split(": ", 1)[-1] if notes else "n/a"
+        self.log(f"{self.model_dir}: {self.judge.describe()}; {count} "
+                 f"{'tiles' if args.size else 'photos'} from {self.photos} photos on {self.device}")
+
+    def detection(self):
+        conditions = table1_conditions()
+        keep = max(self.args.attack_images, self.args.certify_images if self.sigma else 0)
+        inner = tqdm(total=len(self.dataset), desc="photos", unit="img", leave=False, file=sys.stderr,
+                     dynamic_ncols=True)
+        self.pass_ = detection_pass(self.encoder, self.judge, self.loader, conditions, self.device,
+                                    seed=self.args.seed, lpips_model=self.lpips, keep=keep, progress=inner.update)
+        inner.close()
+        v, s = self.pass_["verdicts"], self.pass_["scores"]
+        self.table1 = {name: accuracy_row(*v[name], *s[name]) for name in conditions}
+        self.table2 = {"psnr": mean_std(self.pass_["psnr"]), "ssim": mean_std(self.pass_["ssim"]),
+                       "lpips": mean_std(self.pass_["lpips"]), "lpips_note": self.lpips_note}
+
+    def calibration(self):
+        clean, stamped = self.pass_["scores"]["none"]
+        self.calibration_ = {
+            "score": ("fraction of noisy samples read as stamped" if self.sigma else
+                      "logit(stamped) − logit(clean)"),
+            "roc": roc_curve(clean, stamped), "auc": None,
+            "operating_points": [operating_point(clean, stamped, fpr) for fpr in TARGET_FPRS],
+        }
+        self.calibration_["auc"] = self.calibration_["roc"]["auc"]
+
+    def attacks(self):
+        args = self.args
+        clean, stamped = self.pass_["kept"]
+        clean, stamped = clean[:args.attack_images], stamped[:args.attack_images]
+        overrides = {"eps": self.eps, "seed": args.seed, "batch_size": args.batch_size, "smooth_n": args.predict_n,
+                     "smooth_alpha": args.alpha, "noise_batch": args.noise_batch}
+        overrides.update({k: getattr(args, k) for k in ("apgd_iters", "square_queries", "eot_iter")
+                          if getattr(args, k) is not None})
+        settings = AttackSettings.quick(**overrides) if args.quick else AttackSettings(**overrides)
+        self.table3 = robustness_table(self.scanner, clean.to(self.device), stamped.to(self.device), settings,
+                                       sigma=self.sigma)
+        self.table3["images"] = len(clean)
+
+    def certification(self):
+        args = self.args
+        clean, stamped = self.pass_["kept"]
+        count = min(args.certify_images, len(clean))
+        items = [(image, label) for i in range(count) for image, label in ((clean[i], CLEAN), (stamped[i], STAMPED))]
+        generator = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu")
+        generator.manual_seed(args.seed)
+        rows = write_tsv(certify_labelled(Smooth(self.scanner, self.sigma), items, n0=args.n0, n=args.certify_n,
+                                          alpha=args.alpha, batch_size=args.noise_batch, generator=generator),
+                         self.out / f"certify_sigma{self.sigma:g}.tsv")
+        groups = {"all": rows, "clean": [r for r in rows if r.label == CLEAN],
+                  "stamped": [r for r in rows if r.label == STAMPED]}
+        self.certification_ = {name: {str(k): v for k, v in certified_accuracy(g, RADII).items()}
+                               for name, g in groups.items()}
+        self.certification_.update(sigma=self.sigma, n0=args.n0, n=args.certify_n, alpha=args.alpha,
+                                   images=count, seconds_per_image=sum(r.time for r in rows) / max(1, len(rows)))
+
+    def results(self, seconds: float) -> dict:
+        args = self.args
+        size_text = f"{args.size}×{args.size} tiles" if args.size else "native resolution"
+        return {
+            "settings": {
+                "model": str(self.model_dir), "run": str(self.run_dir) if self.run_dir else None,
+                "data": self.data_text, "photos": self.photos, "images": len(self.dataset), "size": args.size,
+                "size_text": size_text, "judge": self.judge.describe(), "sigma": self.sigma,
+                "quick": args.quick, "seed": args.seed, "git_commit": git_commit(), "device": str(self.device),
+                "predict_n": args.predict_n, "alpha": args.alpha, "eps_255": [e * 255 for e in self.eps],
+                "seconds": round(seconds, 1), "argv": sys.argv[1:],
+            },
+            "table1": self.table1, "table2": self.table2, "table3": getattr(self, "table3", None),
+            "calibration": self.calibration_, "certification": getattr(self, "certification_", None),
+        }
+
+    def run(self) -> dict:
+        t0 = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        stages = [s for s in self.STAGES
+                  if not (s == "adversarial attacks" and self.args.attack_images == 0)
+                  and not (s == "certification" and (not self.sigma or self.args.certify_images == 0))]
+        bar = tqdm(stages, desc="evaluate", unit="stage", file=sys.stderr, dynamic_ncols=True)
+        for stage in bar:
+            bar.set_postfix_str(stage)
+            if stage == "load":
+                self.load()
+            elif stage == "detection and imperceptibility":
+                self.detection()
+            elif stage == "calibration":
+                self.calibration()
+            elif stage == "adversarial attacks":
+                self.attacks()
+            elif stage == "certification":
+                self.certification()
+            else:
+                results = self.results(time.time() - t0)
+                files = self.write(results)
+        bar.close()
+        self.summary(results, files)
+        return results
+
+    # ---------------------------------------------------------------- outputs
+    def write(self, results: dict) -> list[Path]:
+        (self.out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+        markdown = render_markdown(results)
+        (self.out / "tables.md").write_text(markdown)
+        files = [self.out / "results.json", self.out / "tables.md", *write_csvs(results, self.out),
+                 *write_plots(results, self.out)]
+        with SummaryWriter(self.out / "tb") as writer:
+            writer.add_text("eval/tables", markdown)
+            for name, row in results["table1"].items():
+                for key in ("acc", "acc_clean", "acc_stamped", "auc"):
+                    writer.add_scalar(f"eval/table1/{name}/{key}", row[key])
+            for metric in ("psnr", "ssim", "lpips"):
+                if results["table2"][metric]["n"]:
+                    writer.add_scalar(f"eval/table2/{metric}", results["table2"][metric]["mean"])
+            for attack, by_eps in ((results["table3"] or {}).get("attacks") or {}).items():
+                for row in by_eps.values():
+                    writer.add_scalar(f"eval/table3/{attack}/acc", row["acc"], round(row["eps"] * 255))
+        return files
+
+    def summary(self, results: dict, files: list[Path]):
+        t1, t2 = results["table1"], results["table2"]
+        worst = min(t1, key=lambda k: t1[k]["acc"])
+        lines = ["", f"== evaluated {self.model_dir} in {results['settings']['seconds']:.0f} s "
+                     f"({results['settings']['images']} images, {self.judge.describe()})",
+                 f"   no corruption: clean {100 * t1['none']['acc_clean']:.1f}% / stamped "
+                 f"{100 * t1['none']['acc_stamped']:.1f}%, ROC-AUC {t1['none']['auc']:.4f}",
+                 f"   mixed chain: {100 * t1['mixed chain (JPEG q75)']['acc']:.1f}%; worst condition: {worst} "
+                 f"({100 * t1[worst]['acc']:.1f}%)",
+                 f"   PSNR {t2['psnr']['mean']:.2f} ± {t2['psnr']['std']:.2f} dB, SSIM {t2['ssim']['mean']:.4f}, "
+                 f"LPIPS {'%.4f' % t2['lpips']['mean'] if t2['lpips']['n'] else t2['lpips_note']}"]
+        for point in results["calibration"]["operating_points"]:
+            lines.append(f"   FPR ≤ {100 * point['target_fpr']:g}%: threshold {point['threshold']:.4g}, TPR "
+                         f"{100 * point['tpr']:.1f}%" + ("" if point["backed"] else
+                                                          f" (not backed: needs ≥ {point['clean_needed']} clean photos)"))
+        if results["table3"]:
+            for attack, by_eps in results["table3"]["attacks"].items():
+                accs = ", ".join(f"{r['eps'] * 255:g}: {100 * r['acc']:.0f}%" for r in by_eps.values())
+                lines.append(f"   {attack} accuracy by ε/255: {accs}")
+        if results["certification"]:
+            c = results["certification"]
+            lines.append(f"   certified accuracy (σ {c['sigma']}): " + ", ".join(
+                f"r {float(r):g}: {100 * v:.0f}%" for r, v in list(c["all"].items())[:4]))
+        lines.append(f"   wrote {len(files)} files to {self.out}/ (tables.md, results.json, CSVs, plots, tb/)")
+        self.log("\n".join(lines))
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return Evaluation(args).run()
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

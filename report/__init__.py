@@ -1,0 +1,1 @@
+"""The evaluation behind evaluate.py: detection, imperceptibility, adversarial robustness, calibration, tables and plots."""

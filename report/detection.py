@@ -1,0 +1,81 @@
+"""Tables 1 and 2 in one pass over the photos: verdicts under each condition, and imperceptibility."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from engine.evaluation import MIN_SSIM_SIDE
+from models import CLEAN, STAMPED
+from smoothing.certify import stamp
+
+from .calibration import auc
+from .judge import Judge
+
+
+@torch.no_grad()
+def detection_pass(encoder, judge: Judge, loader, conditions: dict, device, *, seed: int = 0, lpips_model=None,
+                   keep: int = 0, progress: Callable[[int], None] | None = None) -> dict:
+    """Stamp every photo, judge it clean and stamped under every condition, and measure the stamp.
+
+    Returns {"verdicts": {condition: (clean (N,), stamped (N,))}, "scores": {condition: (clean, stamped)},
+    "psnr", "ssim", "lpips" (N,) tensors (lpips None without its weights), "kept": (clean, stamped) (K,3,H,W)
+    CPU tensors of the first `keep` photos}. Each condition's random draws are seeded by (seed, batch,
+    condition), so a rerun gives the same numbers. `progress(n)` is called after each batch of n photos.
+    """
+    encoder.eval()
+    verdicts = {name: ([], []) for name in conditions}
+    scores = {name: ([], []) for name in conditions}
+    quality = {"psnr": [], "ssim": [], "lpips": []}
+    kept_clean, kept_stamped = [], []
+    for b, x in enumerate(loader):
+        x = x.to(device)
+        stamped = stamp(encoder, x)
+        quality["psnr"].append(peak_signal_noise_ratio(stamped, x, data_range=1.0, reduction="none",
+                                                       dim=(1, 2, 3)).cpu())
+        if min(x.shape[-2:]) >= MIN_SSIM_SIDE:
+            quality["ssim"].append(structural_similarity_index_measure(stamped, x, data_range=1.0,
+                                                                       reduction="none").reshape(-1).cpu())
+        if lpips_model is not None:
+            quality["lpips"].append(lpips_model(stamped, x, normalize=True).reshape(-1).cpu())
+        for c, (name, condition) in enumerate(conditions.items()):
+            torch.manual_seed(seed * 1_000_003 + b * 1_009 + c)
+            for i, images in enumerate((x, stamped)):
+                seen = images if condition is None else condition(images)
+                v, s = judge(seen)
+                verdicts[name][i].append(v)
+                scores[name][i].append(s)
+        if sum(len(k) for k in kept_clean) < keep:
+            kept_clean.append(x.cpu())
+            kept_stamped.append(stamped.cpu())
+        if progress:
+            progress(x.shape[0])
+    cat = lambda parts: torch.cat(parts) if parts else torch.empty(0)  # noqa: E731
+    return {
+        "verdicts": {k: (cat(v[0]), cat(v[1])) for k, v in verdicts.items()},
+        "scores": {k: (cat(v[0]), cat(v[1])) for k, v in scores.items()},
+        "psnr": cat(quality["psnr"]), "ssim": cat(quality["ssim"]),
+        "lpips": cat(quality["lpips"]) if lpips_model is not None else None,
+        "kept": (cat(kept_clean)[:keep], cat(kept_stamped)[:keep]),
+    }
+
+
+def accuracy_row(clean_verdicts: torch.Tensor, stamped_verdicts: torch.Tensor,
+                 clean_scores: torch.Tensor, stamped_scores: torch.Tensor) -> dict:
+    """Accuracy on clean photos (read CLEAN), stamped ones (read STAMPED), their mean, abstentions, ROC-AUC."""
+    acc_clean = (clean_verdicts == CLEAN).double().mean().item()
+    acc_stamped = (stamped_verdicts == STAMPED).double().mean().item()
+    abstained = torch.cat([clean_verdicts, stamped_verdicts]).lt(0).double().mean().item()
+    return {"acc_clean": acc_clean, "acc_stamped": acc_stamped, "acc": (acc_clean + acc_stamped) / 2,
+            "abstain": abstained, "auc": auc(clean_scores, stamped_scores), "n": len(clean_verdicts)}
+
+
+def mean_std(values: torch.Tensor | None) -> dict:
+    """{"mean", "std", "n"} of per-photo values (std with Bessel's correction; NaN below 2 values)."""
+    if values is None or len(values) == 0:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    values = values.double()
+    return {"mean": values.mean().item(), "std": values.std().item() if len(values) > 1 else math.nan,
+            "n": len(values)}
