@@ -66,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: RUN/eval, or results/<model folder name>/eval; /quick appended "
                         "with --quick)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing results.json in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing results.json in --out (and MODEL/calibration.json)")
+    p.add_argument("--write_calibration", action="store_true",
+                   help="also write MODEL/calibration.json: the FPR ≤ 1%% operating point (threshold, score kind, "
+                        "σ), which scan.py then uses as its threshold")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, default=0, help="seed of corruptions, noise and attacks")
 
@@ -137,7 +141,10 @@ class Evaluation:
         if (self.out / "results.json").exists() and not args.overwrite:
             raise ValueError(f"--out {self.out}: holds results.json from an earlier evaluation; pass --overwrite "
                              f"to replace it or --out to write elsewhere")
-        trained_std = self.run_args.get("std")
+        if args.write_calibration and (self.model_dir / CALIBRATION_NAME).exists() and not args.overwrite:
+            raise ValueError(f"{self.model_dir / CALIBRATION_NAME}: exists; pass --overwrite to replace it")
+        # a shipped model folder has no args.json: its config.json records the training --std as "sigma"
+        trained_std = self.run_args.get("std", _model_sigma(self.model_dir))
         smoothed = args.judge == "smoothed" or (args.judge == "auto" and (trained_std or args.sigma))
         self.sigma = (args.sigma or trained_std) if smoothed else None
         if smoothed and self.sigma is None:
@@ -234,7 +241,7 @@ class Evaluation:
 
     def results(self, seconds: float) -> dict:
         args = self.args
-        size_text = f"{args.size}×{args.size} tiles" if args.size else "native resolution"
+        size_text = f"tiles of {args.size}×{args.size}" if args.size else "photos at native resolution"
         return {
             "settings": {
                 "model": str(self.model_dir), "run": str(self.run_dir) if self.run_dir else None,
@@ -281,6 +288,8 @@ class Evaluation:
         (self.out / "tables.md").write_text(markdown)
         files = [self.out / "results.json", self.out / "tables.md", *write_csvs(results, self.out),
                  *write_plots(results, self.out)]
+        if self.args.write_calibration:
+            files.append(write_calibration(results, self.out / "results.json", self.model_dir / CALIBRATION_NAME))
         with SummaryWriter(self.out / "tb") as writer:
             writer.add_text("eval/tables", markdown)
             for name, row in results["table1"].items():
@@ -319,6 +328,32 @@ class Evaluation:
                 f"r {float(r):g}: {100 * v:.0f}%" for r, v in list(c["all"].items())[:4]))
         lines.append(f"   wrote {len(files)} files to {self.out}/ (tables.md, results.json, CSVs, plots, tb/)")
         self.log("\n".join(lines))
+
+
+CALIBRATION_NAME = "calibration.json"
+
+
+def _model_sigma(model_dir: Path):
+    """The "sigma" a training run recorded in the model's config.json (None when absent or unreadable)."""
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("sigma")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_calibration(results: dict, results_path: Path, path: Path, target_fpr: float = 0.01) -> Path:
+    """Write the operating point for `target_fpr` (threshold on the score: STAMPED iff score > threshold) with
+    what scan.py needs to check that it judges the same kind of score: atomically, as JSON."""
+    point = next(p for p in results["calibration"]["operating_points"] if p["target_fpr"] == target_fpr)
+    s = results["settings"]
+    record = {"score": results["calibration"]["score"], "judge": "smoothed" if s["sigma"] else "plain",
+              "sigma": s["sigma"], **point, "evaluated": str(results_path), "size": s["size"],
+              "size_text": s["size_text"], "data": s["data"], "images": s["images"], "quick": s["quick"],
+              "predict_n": s["predict_n"] if s["sigma"] else None, "alpha": s["alpha"], "git_commit": s["git_commit"]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def main(argv=None) -> dict:

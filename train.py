@@ -5,10 +5,14 @@
 from engine import build_parser, plain_view, run_cli
 
 
-def main(argv=None):
+def parse(argv=None):
+    """(parser, args, views): the flags and the views this script trains on (bench.py times them too)."""
     parser = build_parser(__doc__)
-    args = parser.parse_args(argv)
-    run_cli(parser, args, plain_view)
+    return parser, parser.parse_args(argv), plain_view
+
+
+def main(argv=None):
+    return run_cli(*parse(argv))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@ from engine import build_parser, run_cli
 from smoothing import add_std_flag, gaussian_noise_view
 
 
-def main(argv=None):
+def parse(argv=None):
+    """(parser, args, views): the flags and the views this script trains on (bench.py times them too)."""
     parser = build_parser(__doc__)
     add_std_flag(parser.add_argument_group("randomized smoothing"))
     args = parser.parse_args(argv)
-    return run_cli(parser, args, gaussian_noise_view(args.std))
+    return parser, args, gaussian_noise_view(args.std)
+
+
+def main(argv=None):
+    return run_cli(*parse(argv))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from engine.training import combine_views
 from smoothing import add_std_flag, gaussian_noise_view
 
 
-def main(argv=None):
+def parse(argv=None):
+    """(parser, args, views): the flags and the views this script trains on (bench.py times them too)."""
     parser = build_parser(__doc__)
     group = parser.add_argument_group("randomized smoothing and augmentation")
     add_std_flag(group)
@@ -36,7 +37,11 @@ def main(argv=None):
         parser.error(f"--augs: {e}")
     views = combine_views(plain_view, gaussian_noise_view(args.std),
                           augmented_noisy_view(chain, args.std, args.aug_start, args.aug_end))
-    return run_cli(parser, args, views)
+    return parser, args, views
+
+
+def main(argv=None):
+    return run_cli(*parse(argv))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from models.scanner import ARCHS
 
 #: Flags that may change between a run and its resumption without a warning.
 RESUMABLE_FLAGS = {"max_step", "device", "log_every", "val_every", "save_every", "workers", "val_images", "eval_size",
-                   "test_images", "results_dir"}
+                   "test_images", "results_dir", "channels_last", "compile"}
 
 
 def positive_int(text: str) -> int:
@@ -62,8 +62,14 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     run.add_argument("--seed", type=int, default=0, help="seed for initialisation, crops and noise")
     run.add_argument("--workers", type=non_negative_int, default=None,
-                     help="DataLoader worker processes (default: 4 on CUDA, 0 on CPU where cores are better "
-                          "spent on the model)")
+                     help="DataLoader worker processes per training process (default: 4 on CUDA, with pinned "
+                          "memory; 0 on CPU where cores are better spent on the model)")
+    run.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
+                     help="channels_last (NHWC) memory format for the networks and their inputs (default: on, "
+                          "except with --compile; --no-channels_last for the plain NCHW layout)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the encoder and the scanner (the first steps take minutes to compile; "
+                          "needs a C++ compiler on CPU)")
 
     data = p.add_argument_group("data")
     data.add_argument("--train_path", default=None,

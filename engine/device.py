@@ -25,6 +25,33 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def configure_speed(device: torch.device) -> None:
+    """Process-wide settings for fast training on `device` (the training loop and bench.py call this).
+
+    CUDA: cuDNN autotuning (training crops have one size) and TF32 for the fp32 matrix products left outside
+    autocast. CPU: nothing. Flushing denormals to zero (torch.set_flush_denormal) was measured and left out: on
+    this project's 2-core AMD EPYC it changed neither a train_rs_aug.py step (128², fresh or after 300 steps) nor
+    kornia's rotation/crop backward, even with gradients forced into the denormal range.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def use_channels_last(args, device: torch.device) -> bool:
+    """Whether to train in channels_last memory format: `--channels_last`/`--no-channels_last`, else on CUDA
+    (tensor cores want NHWC) and on CPU (oneDNN's convolutions are faster in NHWC; see README, bench), unless
+    `--compile`: inductor (torch 2.14) expects replication_pad2d_backward to return a channels_last gradient for a
+    channels_last input, but the CPU kernel returns a contiguous one and the compiled step fails an assertion."""
+    choice = getattr(args, "channels_last", None)
+    if choice is not None:
+        return bool(choice)
+    if getattr(args, "compile", False):
+        return False
+    return device.type in ("cuda", "cpu")
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch's CPU and CUDA generators; training draws all its randomness from them."""
     torch.manual_seed(seed)

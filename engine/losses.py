@@ -63,4 +63,5 @@ class View:
 
 def pair_labels(batch_size: int, device) -> torch.Tensor:
     """Labels of the stacked pair [x, x']: B zeros (clean) then B ones (stamped)."""
-    return torch.cat([torch.zeros(batch_size, dtype=torch.long), torch.ones(batch_size, dtype=torch.long)]).to(device)
+    # Made on the device: no host-to-device copy in every training step.
+    return (torch.arange(2 * batch_size, device=device) >= batch_size).long()

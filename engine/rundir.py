@@ -26,12 +26,15 @@ class RunDir:
     root: Path
 
     @classmethod
-    def create(cls, results_dir, run_name: str) -> "RunDir":
+    def create(cls, results_dir, run_name: str, make: bool = True) -> "RunDir":
+        """The run folder RESULTS_DIR/RUN_NAME, with its subfolders made unless `make` is False (the ranks of a
+        data-parallel run other than 0 only read it)."""
         if not run_name or "/" in run_name or run_name in (".", ".."):
             raise ValueError(f"--run_name {run_name!r}: must be a plain folder name")
         run = cls(Path(results_dir) / run_name)
-        for sub in (run.tb, run.checkpoints, run.eval):
-            sub.mkdir(parents=True, exist_ok=True)
+        if make:
+            for sub in (run.tb, run.checkpoints, run.eval):
+                sub.mkdir(parents=True, exist_ok=True)
         return run
 
     @property

@@ -2,10 +2,12 @@
 
 The scripts differ only in the *views* of the pair [x, x'] that the scanner learns to classify: a view
 function maps (pair (2B,3,H,W), step) to a list of `View`s. Everything else lives here: device and AMP,
-seeding, data, losses, warm-up, checkpoints and resumption, TensorBoard, progress, validation, summary.
+seeding, data, losses, warm-up, checkpoints and resumption, TensorBoard, progress, validation, summary, and
+data-parallel training under torchrun (engine.distributed).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import sys
@@ -16,7 +18,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, RandomSampler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
@@ -25,9 +29,12 @@ from datasets import ImageFolderDataset, resolve_image_paths, split_files
 from models import Scanner, ScannerConfig, StampEncoder, StampEncoderConfig, save_pretrained
 from models.io import config_from_dict
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import RESUMABLE_FLAGS
-from .device import amp_dtype, autocast, pick_device, rng_state, seed_everything, set_rng_state
+from .device import (amp_dtype, autocast, configure_speed, rng_state, seed_everything, set_rng_state,
+                     use_channels_last)
+from .distributed import Dist, StopRequest, all_gather_object, all_reduce_mean
 from .evaluation import evaluate, preview_rows, save_preview
 from .losses import View, load_lpips, pair_labels, perceptual_loss, residual_regularisation
 from .rundir import RunDir
@@ -61,102 +68,114 @@ def image_loss_ramp(step: int, warmup_steps: int, ramp_steps: int) -> float:
     return linear_ramp(step, warmup_steps, warmup_steps + ramp_steps)
 
 
-def _forever(loader):
-    while True:
-        yield from loader
+class _Pair(nn.Module):
+    """Encoder and scanner behind one forward, so that DDP wraps a single module called once per step.
+
+    forward(x (B,3,H,W) in [0,1], step) → (residual (B,3,H,W) fp32, stamped (B,3,H,W) fp32, [(View, logits
+    (2B,C) fp32)]): the encoder and the scanner run under autocast on CUDA; the residual is cast to fp32 before
+    stamping, as it is far below bf16's resolution near 1.0.
+    """
+
+    def __init__(self, encoder: StampEncoder, scanner: Scanner, views: ViewFn, device: torch.device):
+        super().__init__()
+        self.encoder, self.scanner = encoder, scanner
+        self.views, self.device = views, device
+
+    def forward(self, x: torch.Tensor, step: int):
+        with autocast(self.device):
+            residual = self.encoder(x)
+        residual = residual.float()
+        stamped = (x + residual).clamp(0, 1)
+        outputs = []
+        for view in self.views(torch.cat([x, stamped]), step):
+            with autocast(self.device):
+                outputs.append((view, self.scanner(view.images).float()))
+        return residual, stamped, outputs
 
 
-class _Run:
-    """The state of one training run; `train` drives it."""
+class Trainer:
+    """The models, their optimiser and one training step: what `train` runs, and what bench.py times.
 
-    def __init__(self, args, views: ViewFn, log=print):
-        self.args, self.views, self.log = args, views, log
-        self.device = pick_device(args.device)
-        self.run = RunDir.create(args.results_dir, args.run_name)
-        checkpoint = load_checkpoint(self.run.last_checkpoint) if self.run.last_checkpoint.exists() else None
-        self.start_step = checkpoint["step"] if checkpoint else 0
-        seed_everything(args.seed)
+    Args:
+        args: the parsed flags of a training script (engine.cli.build_parser, plus the script's own).
+        views: the script's view function.
+        device: where to train (engine.device.pick_device or engine.distributed.setup).
+        dist: this process's place under torchrun (engine.distributed.Dist); the default is a single process.
+        checkpoint: a loaded checkpoint (engine.checkpoint.load_checkpoint) to resume from, or None.
 
-        self._build_data()
-        self._build_models(checkpoint)
-        self.lpips = load_lpips(self.device, log) if args.lps_w > 0 else None
-        self.bn_freeze_step = (args.warmup_steps + args.ramp_steps if args.bn_freeze_step is None
-                               else args.bn_freeze_step)
+    Under torchrun the encoder and the scanner sit in one `_Pair` wrapped in one DistributedDataParallel
+    (`self.model`); `self.encoder` and `self.scanner` stay the bare modules that evaluation and export use.
+    Speed settings from the flags: channels_last (`--channels_last`), torch.compile (`--compile`), fused Adam
+    and fp16 loss scaling on CUDA (fused Adam reads the scaler's inf flag on the GPU: no host sync per step).
+    """
+
+    def __init__(self, args, views: ViewFn, device: torch.device, dist: Dist = Dist(), checkpoint: dict | None = None,
+                 log=print):
+        self.args, self.views, self.device, self.dist, self.log = args, views, device, dist, log
+        self.channels_last = use_channels_last(args, device)
         if checkpoint:
-            self._resume(checkpoint)
-        self.run.write_args({**vars(args), "resumed_from_step": self.start_step, "device_used": str(self.device)})
-        # purge_step drops events a crashed run logged after its last checkpoint, so curves do not fold back.
-        self.writer = SummaryWriter(self.run.tb, purge_step=self.start_step or None)
-        if self.start_step == 0:
-            self.writer.add_text("args", "\n".join(f"    {k} = {v}" for k, v in sorted(vars(args).items())))
-
-    # ---------------------------------------------------------------- set-up
-    def _build_data(self):
-        args = self.args
-        self.eval_size = args.eval_size or args.image_size
-        paths = resolve_image_paths(args.train_path, log=self.log)
-        self.split = split_files(paths, seed=args.split_seed)
-        self.log(f"data: {len(self.split.train)} train, {len(self.split.val)} val, {len(self.split.test)} test images")
-        train_set = ImageFolderDataset(self.split.train, args.image_size, mode="random",
-                                       max_crop_scale=args.max_crop_scale)
-        # At least 50 batches per pass, so tiny folders do not restart the loader every few steps.
-        sampler = RandomSampler(train_set, num_samples=max(len(train_set), 50 * args.batch_size))
-        workers = args.workers if args.workers is not None else (4 if self.device.type == "cuda" else 0)
-        self.train_loader = DataLoader(train_set, args.batch_size, sampler=sampler, drop_last=True,
-                                       num_workers=workers, pin_memory=self.device.type == "cuda",
-                                       persistent_workers=workers > 0)
-        self.val_loader = self._eval_loader(self.split.val, args.val_images)
-        self.test_loader = self._eval_loader(self.split.test, args.test_images)
-
-    def _eval_loader(self, paths, max_images):
-        # Deterministic tiles at native resolution (an image smaller than a tile is centre-fitted), spread
-        # over all the images: a few tiles from every held-out photo rather than many from the first.
-        tiles = max(1, math.ceil(max_images / len(paths)))
-        dataset = ImageFolderDataset(paths, self.eval_size, mode="grid", max_tiles_per_image=tiles)
-        return DataLoader(dataset, self.args.batch_size, shuffle=False)
-
-    def _build_models(self, checkpoint):
-        args = self.args
-        if checkpoint:
-            source = str(self.run.last_checkpoint)
-            enc_cfg = config_from_dict(StampEncoderConfig, checkpoint["encoder_config"], source)
-            scan_cfg = config_from_dict(ScannerConfig, checkpoint["scanner_config"], source)
+            enc_cfg = config_from_dict(StampEncoderConfig, checkpoint["encoder_config"], "checkpoint")
+            scan_cfg = config_from_dict(ScannerConfig, checkpoint["scanner_config"], "checkpoint")
         else:
             enc_cfg = StampEncoderConfig(width=args.encoder_width, max_residual=args.max_residual)
             scan_cfg = ScannerConfig(arch=args.scanner)
-        self.encoder = StampEncoder(enc_cfg).to(self.device)
-        self.scanner = Scanner(scan_cfg).to(self.device)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.encoder = StampEncoder(enc_cfg).to(self.device, memory_format=memory_format)
+        self.scanner = Scanner(scan_cfg).to(self.device, memory_format=memory_format)
         params = list(self.encoder.parameters()) + list(self.scanner.parameters())
-        self.optimizer = torch.optim.Adam(params, lr=args.lr)
+        self.optimizer = torch.optim.Adam(params, lr=args.lr, fused=device.type == "cuda")
         gamma = args.lr_decay ** (1.0 / args.lr_decay_steps)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=gamma)
         # fp16 needs loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(self.device) == torch.float16)
+        self.lpips = load_lpips(self.device, log) if args.lps_w > 0 else None
+        self.bn_freeze_step = (args.warmup_steps + args.ramp_steps if args.bn_freeze_step is None
+                               else args.bn_freeze_step)
+        if checkpoint:
+            self.load(checkpoint)
+        if getattr(args, "compile", False):
+            # Inductor's layout optimisation turns the convolutions channels_last on its own and then trips over
+            # replication_pad2d_backward's contiguous gradient (see use_channels_last): keep the layout we chose.
+            importlib.import_module("torch._inductor.config").layout_optimization = False
+            # In place (state_dict keys unchanged); evaluation at other sizes recompiles once, with dynamic shapes.
+            self.encoder.compile()
+            self.scanner.compile()
+        self.model = _Pair(self.encoder, self.scanner, views, device)
+        if dist.enabled:
+            # Per-rank BatchNorm, not SyncBatchNorm (see README, "Scaling out and speed"); rank 0's buffers (the
+            # running statistics) are copied to the others before each forward. Every parameter takes part in
+            # every step, so find_unused_parameters stays off.
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=device_ids, forward_sync_buffers=True,
+                                                 gradient_as_bucket_view=True)
 
-    def _resume(self, checkpoint):
+    # ---------------------------------------------------------------- state
+    def load(self, checkpoint: dict) -> None:
+        """Weights, optimiser, schedule and loss scale from a checkpoint (the RNG is the caller's business)."""
         self.encoder.load_state_dict(checkpoint["encoder"])
         self.scanner.load_state_dict(checkpoint["scanner"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        # Adam's moments come back in the memory format they were saved in; give them their parameter's, which
+        # the fused CUDA kernel needs and which --channels_last may have changed since.
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                state = self.optimizer.state.get(p, {})
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                        state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
-        before, now = checkpoint.get("args", {}), vars(self.args)
-        changed = [f"--{k} {before[k]} → {now[k]}" for k in sorted(now)
-                   if k in before and k not in RESUMABLE_FLAGS and before[k] != now[k]]
-        self.log(f"resuming {self.run.root} at step {self.start_step} (of {self.args.max_step})")
-        if changed:
-            self.log("warning: flags differ from the checkpoint's run; the model keeps its saved architecture: "
-                     + ", ".join(changed))
 
-    def save(self, step: int) -> None:
-        save_checkpoint({
+    def state(self, step: int) -> dict:
+        """The checkpoint of this trainer at `step`: tensors and plain values only."""
+        return {
             "step": step,
             "encoder": self.encoder.state_dict(), "scanner": self.scanner.state_dict(),
             "encoder_config": asdict(self.encoder.config), "scanner_config": asdict(self.scanner.config),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": rng_state(),
+            "scaler": self.scaler.state_dict(),
             "args": {k: v for k, v in vars(self.args).items() if v is None or isinstance(v, (str, int, float, bool))},
-        }, self.run.last_checkpoint)
+        }
 
     # ---------------------------------------------------------------- one step
     def _train_mode(self, step: int) -> None:
@@ -167,6 +186,8 @@ class _Run:
         64 px after 2,500 CPU steps: 92% accuracy with batch statistics, 36% of stamped crops with running
         ones). Batch statistics are what let the scanner find the faint early stamp at all (a GroupNorm
         scanner never did, and the stamp faded away), so we use them first and freeze them afterwards.
+        Under torchrun each rank's batch is half clean, half stamped too, and its BatchNorm uses that batch's
+        statistics (per-rank, not SyncBatchNorm): the regime that the single-process recipe was tuned in.
         """
         self.encoder.train()
         self.scanner.train()
@@ -176,19 +197,20 @@ class _Run:
                     m.eval()
 
     def step(self, x: torch.Tensor, step: int) -> dict:
+        """One optimisation step on a batch x (B,3,H,W) in [0,1] on the trainer's device.
+
+        Returns the step's loss terms and accuracies as 0-d tensors on the device: nothing here waits for the
+        device, the caller reads them (`.item()`) only when it logs.
+        """
         args = self.args
         self._train_mode(step)
-        with autocast(self.device):
-            residual = self.encoder(x)
-        # The residual is far below bf16's resolution near 1.0: stamp and measure it in fp32.
-        residual = residual.float()
-        stamped = (x + residual).clamp(0, 1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        residual, stamped, outputs = self.model(x, step)
         labels = pair_labels(x.shape[0], self.device)
         terms = {}
         loss_a = 0.0
-        for view in self.views(torch.cat([x, stamped]), step):
-            with autocast(self.device):
-                logits = self.scanner(view.images).float()
+        for view, logits in outputs:
             ce = F.cross_entropy(logits, labels)
             loss_a = loss_a + view.weight * ce
             terms[f"L_A/{view.name}"] = ce.detach()
@@ -209,7 +231,118 @@ class _Run:
                       "loss/L_A": loss_a.detach(), "train/psnr": -10 * torch.log10(mse.clamp_min(1e-12))})
         return terms
 
-    # ---------------------------------------------------------------- validation
+
+class _NoWriter:
+    """SummaryWriter's interface for the ranks that do not log."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+class _Run:
+    """The state of one training run; `train` drives it. Under torchrun every rank builds one; only rank 0 (dist
+    .is_main) creates the run folder, logs and writes."""
+
+    def __init__(self, args, views: ViewFn, dist: Dist, device: torch.device, log=print):
+        self.args, self.views, self.dist, self.device, self.log = args, views, dist, device, log
+        configure_speed(device)
+        self.run = RunDir.create(args.results_dir, args.run_name, make=dist.is_main)
+        # Every rank reads the checkpoint before any step, hence before rank 0 can write the next one.
+        checkpoint = load_checkpoint(self.run.last_checkpoint) if self.run.last_checkpoint.exists() else None
+        self.start_step = checkpoint["step"] if checkpoint else 0
+        seed_everything(args.seed + dist.rank)
+
+        self._build_data()
+        self.trainer = Trainer(args, views, device, dist, checkpoint, log)
+        self.encoder, self.scanner, self.lpips = self.trainer.encoder, self.trainer.scanner, self.trainer.lpips
+        if checkpoint:
+            self._resume(checkpoint)
+        if dist.is_main:
+            self.run.write_args({**vars(args), "resumed_from_step": self.start_step, "device_used": str(device),
+                                 "world_size": dist.world_size})
+            # purge_step drops events a crashed run logged after its last checkpoint, so curves do not fold back.
+            self.writer = SummaryWriter(self.run.tb, purge_step=self.start_step or None)
+            if self.start_step == 0:
+                self.writer.add_text("args", "\n".join(f"    {k} = {v}" for k, v in sorted(vars(args).items())))
+        else:
+            self.writer = _NoWriter()
+
+    # ---------------------------------------------------------------- set-up
+    def _build_data(self):
+        args, d = self.args, self.dist
+        self.eval_size = args.eval_size or args.image_size
+        paths = resolve_image_paths(args.train_path, log=self.log)
+        self.split = split_files(paths, seed=args.split_seed)
+        self.log(f"data: {len(self.split.train)} train, {len(self.split.val)} val, {len(self.split.test)} test images")
+        train_set = ImageFolderDataset(self.split.train, args.image_size, mode="random",
+                                       max_crop_scale=args.max_crop_scale)
+        # At least 50 batches per pass, so tiny folders do not restart the loader every few steps.
+        per_pass = max(len(train_set), 50 * args.batch_size * d.world_size)
+        if d.enabled:
+            # Each rank takes its own 1/world_size of a shuffled pass; the sampler's seed is the run's (the same on
+            # every rank, or the shares would overlap), and set_epoch reshuffles each pass (see batches).
+            self.sampler = DistributedSampler(_Repeated(train_set, per_pass), num_replicas=d.world_size, rank=d.rank,
+                                              shuffle=True, seed=args.seed, drop_last=True)
+            dataset = self.sampler.dataset
+        else:
+            self.sampler = RandomSampler(train_set, num_samples=per_pass)
+            dataset = train_set
+        workers = args.workers if args.workers is not None else (4 if self.device.type == "cuda" else 0)
+        self.train_loader = DataLoader(dataset, args.batch_size, sampler=self.sampler, drop_last=True,
+                                       num_workers=workers, pin_memory=self.device.type == "cuda",
+                                       persistent_workers=workers > 0)
+        if d.is_main:
+            self.val_loader = self._eval_loader(self.split.val, args.val_images)
+            self.test_loader = self._eval_loader(self.split.test, args.test_images)
+
+    def _eval_loader(self, paths, max_images):
+        # Deterministic tiles at native resolution (an image smaller than a tile is centre-fitted), spread
+        # over all the images: a few tiles from every held-out photo rather than many from the first.
+        tiles = max(1, math.ceil(max_images / len(paths)))
+        dataset = ImageFolderDataset(paths, self.eval_size, mode="grid", max_tiles_per_image=tiles)
+        return DataLoader(dataset, self.args.batch_size, shuffle=False)
+
+    def batches(self):
+        """Training batches forever; a new shuffled pass (set_epoch under torchrun) each time one ends."""
+        epoch = self.start_step // max(1, len(self.train_loader))
+        while True:
+            if isinstance(self.sampler, DistributedSampler):
+                self.sampler.set_epoch(epoch)
+            yield from self.train_loader
+            epoch += 1
+
+    def _resume(self, checkpoint):
+        d = self.dist
+        ranks = checkpoint.get("rng_ranks")
+        if ranks is not None and len(ranks) == d.world_size:
+            set_rng_state(ranks[d.rank])  # each rank continues its own random stream
+        elif d.world_size == 1:
+            set_rng_state(checkpoint["rng"])
+        else:
+            # A different number of processes than the checkpoint's: fresh streams, distinct per rank and step.
+            seed_everything(self.args.seed + d.rank + 1_000_003 * self.start_step)
+            self.log(f"note: the checkpoint was written by {len(ranks) if ranks else 1} process(es), this run has "
+                     f"{d.world_size}: random streams are reseeded")
+        before, now = checkpoint.get("args", {}), vars(self.args)
+        changed = [f"--{k} {before[k]} → {now[k]}" for k in sorted(now)
+                   if k in before and k not in RESUMABLE_FLAGS and before[k] != now[k]]
+        self.log(f"resuming {self.run.root} at step {self.start_step} (of {self.args.max_step})")
+        if changed:
+            self.log("warning: flags differ from the checkpoint's run; the model keeps its saved architecture: "
+                     + ", ".join(changed))
+
+    def save(self, step: int, collective: bool = True) -> None:
+        """Rank 0 writes the checkpoint. With `collective` every rank must call this (their RNG states are
+        gathered, so that a resumed run continues each rank's stream); without, rank 0 alone (Ctrl-C)."""
+        ranks = all_gather_object(self.dist, rng_state()) if collective else None
+        if self.dist.is_main:
+            state = self.trainer.state(step)
+            state["rng"] = rng_state()
+            if ranks is not None and self.dist.enabled:
+                state["rng_ranks"] = ranks
+            save_checkpoint(state, self.run.last_checkpoint)
+
+    # ---------------------------------------------------------------- validation (rank 0)
     def validate(self, step: int) -> dict:
         metrics = evaluate(self.encoder, self.scanner, self.val_loader, self.device, max_images=self.args.val_images,
                            views=self.views, step=step)
@@ -233,35 +366,73 @@ class _Run:
         return metrics
 
 
-def train(args, views: ViewFn = plain_view, log=print) -> dict:
-    """Train (or resume) the run named by args.run_name up to args.max_step; return the summary dict."""
-    r = _Run(args, views, log)
-    args, device = r.args, r.device
+class _Repeated(torch.utils.data.Dataset):
+    """`dataset` repeated up to `length` items (item i is dataset[i % len(dataset)])."""
+
+    def __init__(self, dataset, length: int):
+        self.dataset, self.length = dataset, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.dataset[i % len(self.dataset)]
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def train(args, views: ViewFn = plain_view, log=print) -> dict | None:
+    """Train (or resume) the run named by args.run_name up to args.max_step; return the summary dict.
+
+    Under torchrun (RANK set) every process trains data-parallel and returns None, except rank 0, which alone
+    logs, validates, writes checkpoints, exports and returns the summary.
+    """
+    d, device = distributed.setup(args.device)
+    stop = StopRequest(d)  # first thing, so that a Ctrl-C during set-up is honoured at the first log interval
+    try:
+        return _train(args, views, d, device, log if d.is_main else _quiet, stop)
+    finally:
+        stop.restore()
+        distributed.teardown(d)
+
+
+def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRequest) -> dict | None:
+    r = _Run(args, views, d, device, log)
     log(f"device: {device}" + (f", AMP {amp_dtype(device)}" if amp_dtype(device) else "")
-        + f"; encoder {r.encoder.config}; scanner {r.scanner.config}")
-    batches = _forever(r.train_loader)
+        + (f"; {d.world_size} processes (torchrun, {'nccl' if device.type == 'cuda' else 'gloo'})" if d.enabled else "")
+        + f"; encoder {r.encoder.config}; scanner {r.scanner.config}"
+        + ("; channels_last" if r.trainer.channels_last else "")
+        + ("; torch.compile" if getattr(args, "compile", False) else ""))
+    batches = r.batches()
     step = r.start_step
     sums, n_sum = defaultdict(float), 0
     val = {}
     t0, images_seen = time.time(), 0
     bar = tqdm(total=args.max_step, initial=step, desc=args.run_name, dynamic_ncols=True, file=sys.stderr,
-               disable=step >= args.max_step)
-    r.encoder.train(), r.scanner.train()
+               disable=step >= args.max_step or not d.is_main)
     try:
         while step < args.max_step:
             x = next(batches).to(device, non_blocking=True)
-            terms = r.step(x, step)
+            terms = r.trainer.step(x, step)
             step += 1
-            images_seen += x.shape[0]
+            images_seen += x.shape[0] * d.world_size
             bar.update(1)
             for k, v in terms.items():
                 sums[k] = sums[k] + v  # stays on the device: no synchronisation until we log
             n_sum += 1
             if step % args.log_every == 0 or step == args.max_step:
-                means = {k: (v / n_sum).item() for k, v in sums.items()}
+                # The one synchronisation point: the means over the interval and over the ranks, and whether
+                # any rank was asked to stop (so that all of them stop here, together).
+                keys = sorted(sums)
+                packed = torch.stack([torch.as_tensor(sums[k], device=device, dtype=torch.float32) / n_sum
+                                      for k in keys] + [torch.tensor(float(stop.requested), device=device)])
+                packed = all_reduce_mean(d, packed).tolist()
+                means, stop_requested = dict(zip(keys, packed[:-1])), packed[-1] > 0
                 for k, v in means.items():
                     r.writer.add_scalar(k, v, step)
-                r.writer.add_scalar("lr", r.scheduler.get_last_lr()[0], step)
+                r.writer.add_scalar("lr", r.trainer.scheduler.get_last_lr()[0], step)
                 r.writer.add_scalar("image_loss_ramp", image_loss_ramp(step, args.warmup_steps, args.ramp_steps), step)
                 bar.set_postfix({"loss": f"{means['loss/total']:.3g}", "psnr": f"{means['train/psnr']:.1f}",
                                  **{k[4:]: f"{v:.2f}" for k, v in means.items() if k.startswith("acc/")}})
@@ -270,7 +441,13 @@ def train(args, views: ViewFn = plain_view, log=print) -> dict:
                     raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}; the last checkpoint "
                                              f"({r.run.last_checkpoint}) is kept, nothing was saved after it")
                 sums, n_sum = defaultdict(float), 0
-            if step % args.val_every == 0 or step == args.max_step:
+                if stop_requested:
+                    r.save(step)
+                    bar.close()
+                    log(f"\ninterrupted at step {step}; saved {r.run.last_checkpoint}. Run the same command to resume.")
+                    raise SystemExit(130)
+            if d.is_main and (step % args.val_every == 0 or step == args.max_step):
+                # Rank 0 alone; the others wait for it in the next step's gradient all-reduce.
                 val = r.validate(step)
                 by_view = "".join(f", {k[4:]} {v:.3f}" for k, v in val.items() if k.startswith("acc/"))
                 bar.write(f"step {step}: val acc {val['acc']:.3f} (clean {val['acc_clean']:.3f}, stamped "
@@ -278,12 +455,18 @@ def train(args, views: ViewFn = plain_view, log=print) -> dict:
             if step % args.save_every == 0 or step == args.max_step:
                 r.save(step)
     except KeyboardInterrupt:
+        # A single process (or a second Ctrl-C under torchrun): save what this process has, no collective.
         bar.close()
-        r.save(step)
-        log(f"\ninterrupted at step {step}; saved {r.run.last_checkpoint}. Run the same command to resume.")
+        if d.enabled:
+            log(f"\ninterrupted at step {step} without saving; resume continues from {r.run.last_checkpoint}")
+        else:
+            r.save(step, collective=False)
+            log(f"\ninterrupted at step {step}; saved {r.run.last_checkpoint}. Run the same command to resume.")
         raise SystemExit(130)
     bar.close()
     train_seconds = time.time() - t0
+    if not d.is_main:
+        return None  # rank 0 alone evaluates and exports; nothing else needs this rank
     return _finish(r, step, train_seconds, images_seen, val)
 
 
@@ -302,17 +485,19 @@ def _finish(r: _Run, step: int, train_seconds: float, images_seen: int, val: dic
     summary = {
         "run": str(r.run.root), "step": step, "train_seconds_this_session": round(train_seconds, 1),
         "train_images_per_second": round(images_seen / train_seconds, 2) if images_seen else None,
-        "device": str(device), "lpips": r.lpips is not None,
+        "device": str(device), "processes": r.dist.world_size, "lpips": r.lpips is not None,
         "test_crops": test, "test_photos_native_resolution": full,
         "preview": {"path": str(preview_path), "photo": str(photos.paths[0]), **preview},
     }
-    save_pretrained(r.run.model, r.encoder, r.scanner, extra={"step": step, "test_crops": test})
+    save_pretrained(r.run.model, r.encoder, r.scanner,
+                    extra={"step": step, "test_crops": test, "sigma": getattr(args, "std", None)})
     (r.run.eval / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     speed = (f"{images_seen} images in {train_seconds:.0f} s ({summary['train_images_per_second']} img/s)"
              if images_seen else "no training this session")
+    where = f"{device}" + (f" (rank 0 of {r.dist.world_size} processes)" if r.dist.enabled else "")
     log("\n".join([
         "",
-        f"== {args.run_name}: step {step} of {args.max_step}; {speed} on {device}",
+        f"== {args.run_name}: step {step} of {args.max_step}; {speed} on {where}",
         _metrics_line(f"held-out crops ({test['n']} of {r.eval_size}x{r.eval_size})", test),
         _metrics_line(f"held-out photos ({full['n']}, native resolution)", full),
         f"   residual border/interior energy ratio: {test['border_ratio']:.2f} on crops, "

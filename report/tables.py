@@ -107,7 +107,8 @@ def render_markdown(results: dict) -> str:
     s = results["settings"]
     parts = [
         f"# Evaluation of {s['model']}",
-        f"{s['judge']}; {s['images']} photos from {s['data']} at {s['size_text']}; seed {s['seed']}; commit "
+        f"{s['judge']}; {s['images']} {s['size_text']} from {s['photos']} photos of {s['data']}; seed {s['seed']}; "
+        f"commit "
         f"{s.get('git_commit') or 'unknown'}; {'quick settings' if s['quick'] else 'full settings'}.",
         "## Table 1: detection accuracy", table1_md(results),
         "Clean: photos read as clean; stamped: stamped photos read as stamped; overall: their mean. Each "

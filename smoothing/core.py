@@ -32,6 +32,14 @@ def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
     return float(beta.ppf(alpha, k, n - k + 1))
 
 
+#: On CPU, Smooth hands the scanner at most this many pixels at once (8 images of 400×400), however large the
+#: batch. Activations of a larger call are tensors of hundreds of MB, which the C allocator maps fresh from the
+#: kernel (above its 32 MB mmap threshold) and faults in page by page on every call: with the narrow scanner at
+#: 400² and batch 100, half the time went to the kernel. Chunks of 8 reuse the same heap memory and run in
+#: channels_last, oneDNN's fast layout. GPUs cache their memory and want large batches: no chunks there.
+CPU_CHUNK_PIXELS = 8 * 400 * 400
+
+
 def _check_count(name: str, value) -> int:
     try:
         if isinstance(value, bool):
@@ -100,7 +108,8 @@ class Smooth:
             x: one image, (3,H,W) or (1,3,H,W), in [0,1].
             n: number of noise samples (≥ 1).
             alpha: significance level in (0,1).
-            batch_size: noisy copies classified at once (≥ 1): the memory knob.
+            batch_size: noisy copies drawn and classified at once (≥ 1): the memory knob (on CPU the scanner sees
+                them in chunks of at most CPU_CHUNK_PIXELS pixels).
             generator: a torch.Generator for reproducible noise; None uses torch's global one.
 
         Returns:
@@ -145,7 +154,7 @@ class Smooth:
             n: estimation samples (≥ 1); the paper's 100,000. With nA = n the radius is σ·Φ⁻¹(alpha^(1/n)), so
                 n caps the largest radius that can be certified (n = 100,000, alpha = 0.001: 4.0·σ).
             alpha: failure probability in (0,1); the paper's 0.001.
-            batch_size: noisy copies classified at once (≥ 1).
+            batch_size: noisy copies drawn and classified at once (≥ 1); see predict.
             generator: a torch.Generator for reproducible noise; None uses torch's global one.
 
         Returns:
@@ -168,8 +177,10 @@ class Smooth:
                        generator: torch.Generator | None = None) -> torch.Tensor:
         """How often the scanner picks each class on `num` noisy copies of x → int64 CPU tensor (C,).
 
-        The copies are made and classified batch_size at a time, so at most batch_size noisy images (not num)
-        are in memory at once.
+        The copies are drawn batch_size at a time, into one buffer reused for every batch, so at most batch_size
+        noisy images (not num) are in memory at once. On CPU the scanner classifies each batch in chunks of at
+        most CPU_CHUNK_PIXELS pixels, in channels_last layout (see CPU_CHUNK_PIXELS): the same noise for a given
+        generator as one call per batch, and the same logits up to float rounding.
         """
         if x.dim() == 4 and x.shape[0] == 1:
             x = x[0]
@@ -180,6 +191,11 @@ class Smooth:
         if not x.is_floating_point():
             raise ValueError(f"Smooth: x must be a floating-point image in [0,1], got dtype {x.dtype}")
         noise_device = generator.device if generator is not None else device
+        on_cpu = device.type == "cpu"
+        chunk = max(1, CPU_CHUNK_PIXELS // (x.shape[-2] * x.shape[-1])) if on_cpu else batch_size
+        shape = (min(batch_size, num), *x.shape)
+        noise = torch.empty(shape, device=noise_device, dtype=x.dtype)
+        noisy = noise if noise.device == x.device else torch.empty(shape, device=device, dtype=x.dtype)
         was_training = self.scanner.training
         self.scanner.eval()
         try:
@@ -187,10 +203,17 @@ class Smooth:
             remaining = num
             while remaining > 0:
                 this = min(batch_size, remaining)
-                noise = torch.randn((this, *x.shape), generator=generator, device=noise_device, dtype=x.dtype)
-                logits = self.scanner(x.unsqueeze(0) + self.sigma * noise.to(device))
-                batch_counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
-                counts = batch_counts if counts is None else counts + batch_counts
+                # normal_ draws what torch.randn would; scaling and adding in place gives x + σ·noise bit for bit
+                drawn = noise[:this].normal_(generator=generator)
+                batch = drawn if noisy is noise else noisy[:this].copy_(drawn)
+                batch.mul_(self.sigma).add_(x)
+                for start in range(0, this, chunk):
+                    part = batch[start:start + chunk]
+                    if on_cpu:
+                        part = part.contiguous(memory_format=torch.channels_last)
+                    logits = self.scanner(part)
+                    part_counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
+                    counts = part_counts if counts is None else counts + part_counts
                 remaining -= this
         finally:
             self.scanner.train(was_training)

@@ -1,0 +1,132 @@
+"""Data-parallel training under torchrun: the process group, this process's rank, and the few collectives the
+training loop needs.
+
+`torchrun --nproc_per_node=N train.py ...` sets RANK, WORLD_SIZE and LOCAL_RANK for each of its N processes; a
+plain `python train.py ...` sets none of them and runs as a single process (rank 0 of 1), with no process group
+and no collective calls at all. Backends: nccl on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .device import pick_device
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands: rank (0 .. world_size-1), world_size, local_rank (the GPU it drives on its
+    node); `enabled` when torchrun started it."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    enabled: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs, validates, writes checkpoints and exports weights."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device_name: str = "auto") -> tuple[Dist, torch.device]:
+    """(Dist, device) for this process, joining the process group when torchrun started it.
+
+    Under torchrun, `--device auto` or `cuda` means cuda:LOCAL_RANK; a device index is refused when there is more
+    than one process per node (they would all share that GPU), and MPS is refused (no backend supports it).
+    A process group that already exists (a caller that set one up itself) is used as it is.
+    """
+    if not launched_by_torchrun():
+        return Dist(), pick_device(device_name)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        elif local_world > 1:
+            raise ValueError(f"--device {device_name}: under torchrun each process takes the GPU of its local rank; "
+                             f"use --device cuda (or auto), not one GPU for all {local_world} processes")
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    elif device.type == "cpu":
+        backend = "gloo"
+    else:
+        raise ValueError(f"--device {device_name}: data-parallel training (torchrun) runs on cuda (nccl) or cpu "
+                         f"(gloo), not {device.type}")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                device_id=device if device.type == "cuda" else None)
+    return Dist(rank, world, local_rank, enabled=True), device
+
+
+def teardown(d: Dist) -> None:
+    """Leave the process group (local: it waits for no other rank)."""
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_object(d: Dist, obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...]: a collective, every rank must call it; [obj] for a single process."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean(d: Dist, values: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over the ranks (a collective; the tensor itself for a single process)."""
+    if not d.enabled:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / d.world_size
+
+
+def all_reduce_max(d: Dist, values: torch.Tensor) -> torch.Tensor:
+    if not d.enabled:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+class StopRequest:
+    """Ctrl-C under torchrun, turned into a request that all ranks honour at the same step.
+
+    torchrun forwards SIGINT (and SIGTERM) to every process, and each would stop wherever it happened to be: one
+    rank gone from the middle of a collective leaves the others waiting in it, and rank 0 could not save. So the
+    first signal only sets a flag; the loop shares the flags at its next log interval (where it synchronises
+    anyway) and every rank leaves there, rank 0 writing a checkpoint. A second signal stops at once, unsaved.
+    Outside torchrun nothing is installed and Ctrl-C raises KeyboardInterrupt as usual.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, d: Dist):
+        self.requested = False
+        self._previous = {}
+        if d.enabled:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # the second one: do not wait any longer
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

@@ -1,0 +1,283 @@
+"""Scan photos for DeepRAFT's stamp: one verdict per image, stamped, clean or abstain, with its score.
+
+    python scan.py --model pretrained_models/rs_aug received.jpg inbox/
+    python scan.py --model pretrained_models/rs_aug inbox/ --json > verdicts.jsonl
+    python scan.py --model pretrained_models/rs_aug photo.jpg --certify --n 10000 --alpha 0.001
+
+Each INPUT is an image file or a folder (searched recursively; hidden files are skipped). Every photo is read
+upright (EXIF orientation applied), brought to the working resolution that stamp.py stamps at (long side
+--working_size, antialiased; smaller images as they are) and judged there, one image at a time.
+
+The judge. A plain scanner's score is the logit difference logit(stamped) − logit(clean). A scanner trained
+with --std (its config.json records "sigma"; --sigma overrides, --plain ignores it) is judged smoothed, as
+in Cohen et al.'s PREDICT: the score is the share of --n noisy copies x + N(0, σ²) that the scanner reads
+as stamped; the verdict is ABSTAIN when a two-sided binomial test cannot tell that share from the threshold
+at --alpha (at the threshold ½ this is exactly PREDICT). --certify adds Cohen's CERTIFY: the smoothed class
+and its certified L2 radius (in [0,1]-pixel units) from --n0 + --n fresh noisy copies.
+
+The threshold: STAMPED when score > threshold. It is --threshold if given, else the one evaluate.py
+--write_calibration stored in MODEL/calibration.json (the lowest threshold whose false-positive rate is at
+most 1% with 95% confidence on its clean photos), else the uncalibrated default (0 for the logit difference,
+i.e. the scanner's argmax; ½ for the vote share, i.e. PREDICT's majority), and the output says
+"uncalibrated". A calibration made for another kind of score (plain vs smoothed, another σ) is not used.
+
+Output: one line per image on stdout (--json: one JSON object per line, with "path", "verdict"
+(stamped|clean|abstain|error), "score", "threshold", "calibrated", and "radius" with --certify, "error" for
+a file that could not be read), a progress bar for folders, and a summary on stderr. Unreadable files are
+reported and the batch goes on. Exit status: 0 when every file was read, 1 when some could not be, 2 for bad
+flags or a bad model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from scipy.stats import binomtest
+from tqdm import tqdm
+
+from engine.cli import HelpFormatter, non_negative_int, positive_float, positive_int
+from engine.device import pick_device
+from models import STAMPED
+from report.judge import Judge
+from smoothing import ABSTAIN, Smooth
+from stamp import DEFAULT_WORKING_SIZE, expand_inputs, load_model, pixels_to_tensor, read_pixels, to_working
+
+CALIBRATION_NAME = "calibration.json"
+#: evaluate.py's names for the two kinds of score (report "calibration" → "score"); a calibration is used only
+#: for the kind of score it was made on.
+PLAIN_SCORE = "logit(stamped) − logit(clean)"
+SMOOTHED_SCORE = "fraction of noisy samples read as stamped"
+VERDICTS = {STAMPED: "stamped", 1 - STAMPED: "clean", ABSTAIN: "abstain"}
+
+
+@dataclass
+class Threshold:
+    """The decision threshold (STAMPED iff score > value) and where it came from."""
+
+    value: float
+    source: str  # "flag", "calibration" or "default"
+    text: str  # how a verdict line names it, e.g. "calibrated, FPR ≤ 1%"
+    calibration: dict | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.source == "calibration"
+
+
+def resolve_threshold(given: float | None, model_dir: Path, sigma: float | None, log=print) -> Threshold:
+    """--threshold, else MODEL/calibration.json when it was made for this kind of score, else the default."""
+    score = SMOOTHED_SCORE if sigma is not None else PLAIN_SCORE
+    default = 0.5 if sigma is not None else 0.0
+    if given is not None:
+        if sigma is not None and not 0 <= given <= 1:
+            raise ValueError(f"--threshold {given:g}: a smoothed scanner's score is a share of votes in [0, 1]")
+        return Threshold(given, "flag", "--threshold")
+    path = model_dir / CALIBRATION_NAME
+    if path.is_file():
+        try:
+            cal = json.loads(path.read_text())
+            value = float(cal["threshold"])
+            made_for, made_sigma = cal["score"], cal.get("sigma")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: not a calibration written by evaluate.py --write_calibration ({e})") from None
+        if made_for != score or (sigma is not None and (made_sigma is None or not math.isclose(made_sigma, sigma))):
+            made = f"{made_for!r}" + (f" at σ {made_sigma:g}" if made_sigma is not None else "")
+            now = f"{score!r}" + (f" at σ {sigma:g}" if sigma is not None else "")
+            log(f"note: {path} calibrates {made}, not {now}: using the uncalibrated threshold {default:g}")
+        else:
+            target = f"FPR ≤ {100 * cal.get('target_fpr', float('nan')):g}%"
+            if cal.get("backed", False):
+                text = f"calibrated, {target}"
+            else:
+                text = f"calibrated on {cal.get('n_clean', '?')} clean images, too few to back {target}"
+            return Threshold(value, "calibration", text, cal)
+    return Threshold(default, "default", "uncalibrated")
+
+
+def smoothed_verdict(votes: int, n: int, threshold: float, alpha: float) -> int:
+    """STAMPED if the share votes/n of noisy copies read as stamped is above `threshold`, CLEAN if not, ABSTAIN
+    when a two-sided binomial test cannot tell the share from the threshold at level alpha. At threshold ½ this
+    is Smooth.decide (PREDICT) for two classes. At 0 or 1 there is nothing to test: the share either exceeds
+    the threshold or it does not."""
+    share = votes / n
+    if 0 < threshold < 1 and binomtest(votes, n, p=threshold).pvalue > alpha:
+        return ABSTAIN
+    return STAMPED if share > threshold else 1 - STAMPED
+
+
+def _fmt(score: float, smoothed: bool) -> str:
+    return f"{score:.3f}" if smoothed else f"{score:.3g}"
+
+
+class PhotoScanner:
+    """Judges one image at a time: (path) → a result dict (what --json prints)."""
+
+    def __init__(self, args, log=print):
+        self.args = args
+        self.device = pick_device(args.device)
+        self.model_dir, run_dir, run_args, _, scanner, config = load_model(args.model, self.device)
+        if args.plain:
+            self.sigma = None
+        elif args.sigma is not None:
+            self.sigma = args.sigma
+        else:
+            trained = config.get("sigma", run_args.get("std"))
+            self.sigma = float(trained) if trained is not None else None
+        if args.certify and self.sigma is None:
+            raise ValueError("--certify needs a smoothed scanner: this model was not trained with --std; pass "
+                             "--sigma to smooth it anyway")
+        self.judge = Judge(scanner, self.sigma, n=args.n, alpha=args.alpha, batch_size=args.batch_size,
+                           seed=args.seed)
+        self.smooth = Smooth(scanner, self.sigma) if args.certify else None
+        self.certify_generator = torch.Generator().manual_seed(args.seed + 1) if args.certify else None
+        self.threshold = resolve_threshold(args.threshold, self.model_dir, self.sigma, log)
+
+    def describe(self) -> str:
+        t = self.threshold
+        size = f"long side {self.args.working_size} px" if self.args.working_size else "native resolution"
+        extra = f"; CERTIFY with n0 {self.args.n0}, n {self.args.n}" if self.args.certify else ""
+        return (f"{self.model_dir}: {self.judge.describe()}{extra}; STAMPED when score > {t.value:.4g} ({t.text}); "
+                f"working resolution {size}")
+
+    def __call__(self, path: Path) -> dict:
+        args = self.args
+        pixels = read_pixels(path)  # ImageReadError (a ValueError) for a bad file
+        x = to_working(pixels_to_tensor(pixels, self.device), args.working_size)
+        verdicts, scores = self.judge(x.contiguous(memory_format=torch.channels_last))
+        score, t = float(scores[0]), self.threshold.value
+        if self.sigma is None:
+            verdict = STAMPED if score > t else 1 - STAMPED
+        else:
+            verdict = smoothed_verdict(round(score * args.n), args.n, t, args.alpha)
+        result = {"path": str(path), "verdict": VERDICTS[verdict], "score": score, "threshold": t,
+                  "calibrated": self.threshold.calibrated, "threshold_source": self.threshold.source,
+                  "size": [pixels.shape[1], pixels.shape[0]], "scanned_at": [x.shape[-1], x.shape[-2]]}
+        if self.sigma is not None:
+            result.update(votes=round(score * args.n), n=args.n, sigma=self.sigma)
+        if self.smooth is not None:
+            cls, radius = self.smooth.certify(x[0], n0=args.n0, n=args.n, alpha=args.alpha,
+                                              batch_size=args.batch_size, generator=self.certify_generator)
+            result.update(certified=VERDICTS[cls], radius=float(radius))
+        return result
+
+    def line(self, r: dict) -> str:
+        """The human-readable verdict line of a result."""
+        if r["verdict"] == "error":
+            return f"{r['path']}: ERROR {r['error']}"
+        smoothed = self.sigma is not None
+        score, t = _fmt(r["score"], smoothed), _fmt(r["threshold"], smoothed)
+        how = self.threshold.text
+        if r["verdict"] == "abstain":
+            text = (f"{r['path']}: ABSTAIN score {score}: {r['votes']} of {r['n']} votes cannot be told from "
+                    f"threshold {t} at alpha {self.args.alpha:g} ({how})")
+        else:
+            sign = ">" if r["verdict"] == "stamped" else "≤"
+            text = f"{r['path']}: {r['verdict'].upper()} score {score} {sign} threshold {t} ({how})"
+        if "radius" in r:
+            text += (f"; certified {r['certified']} within L2 radius {r['radius']:.3f}" if r["certified"] != "abstain"
+                     else "; certification abstains")
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scan.py", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and folders (searched recursively)")
+    p.add_argument("--model", required=True,
+                   help="a model folder (holding config.json, e.g. pretrained_models/rs_aug) or a run folder "
+                        "(results/RUN, holding model/)")
+    p.add_argument("--working_size", type=non_negative_int, default=DEFAULT_WORKING_SIZE,
+                   help="long side in pixels at which photos are scanned; must be stamp.py's (0 = native)")
+    p.add_argument("--threshold", type=_finite_float, default=None,
+                   help="STAMPED when score > THRESHOLD; if not given, MODEL/calibration.json's, else 0 for a "
+                        "plain scanner and ½ for a smoothed one")
+    p.add_argument("--json", action="store_true", help="one JSON object per line on stdout instead of text")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    s = p.add_argument_group("randomized smoothing")
+    how = s.add_mutually_exclusive_group()
+    how.add_argument("--sigma", type=positive_float, default=None,
+                     help="judge smoothed with this noise σ in [0,1] pixel units (default: the model's own, from "
+                          "its config.json or the run's --std)")
+    how.add_argument("--plain", action="store_true", help="judge by the plain scanner even if the model has a σ")
+    s.add_argument("--n", type=positive_int, default=1000,
+                   help="noise samples per image for the smoothed verdict, and CERTIFY's estimation samples")
+    s.add_argument("--alpha", type=_probability, default=0.001, help="significance level of verdicts and certificates")
+    s.add_argument("--certify", action="store_true",
+                   help="also certify each image (Cohen's CERTIFY): class and L2 radius; costs n0 + n more passes")
+    s.add_argument("--n0", type=positive_int, default=100, help="CERTIFY's selection samples")
+    s.add_argument("--batch_size", type=positive_int, default=200, help="noisy copies classified at once")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    return p
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def run(args, out=None, err=None) -> dict:
+    """The CLI's work on parsed args → summary counts. Raises ValueError/FileNotFoundError (one line) for bad
+    flags or a bad model; unreadable files are reported in the output and counted, never raised."""
+    out, err = out or sys.stdout, err or sys.stderr
+
+    def log(text):
+        print(text, file=err, flush=True)
+
+    scanner = PhotoScanner(args, log)
+    items = expand_inputs(args.inputs)
+    log(f"scanning {len(items)} input(s) with {scanner.describe()}")
+    counts = {"stamped": 0, "clean": 0, "abstain": 0, "error": 0}
+    t0 = time.perf_counter()
+    bar = tqdm(items, unit="img", desc="scan", file=err, dynamic_ncols=True, disable=None if len(items) > 1 else True)
+    for item in bar:
+        if item.error is not None:
+            result = {"path": str(item.path), "verdict": "error", "error": item.error}
+        else:
+            try:
+                result = scanner(item.path)
+            except ValueError as e:  # ImageReadError: "<path>: <reason>"
+                result = {"path": str(item.path), "verdict": "error",
+                          "error": getattr(e, "reason", None) or str(e)}
+        counts[result["verdict"]] += 1
+        text = json.dumps(result, ensure_ascii=False) if args.json else scanner.line(result)
+        tqdm.write(text, file=out)
+        out.flush()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    read = len(items) - counts["error"]
+    t = scanner.threshold
+    log(f"scanned {read} of {len(items)} image(s) in {seconds:.1f} s"
+        + (f" ({seconds / read:.2f} s/image)" if read else "")
+        + f": {counts['stamped']} stamped, {counts['clean']} clean, {counts['abstain']} abstained, "
+          f"{counts['error']} unreadable; threshold {t.value:.4g} ({t.text})")
+    return counts
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        counts = run(args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "\ninterrupted\n")
+    return 1 if counts["error"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
