@@ -5,7 +5,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from kornia.color import rgb_to_yuv
 
 #: StegaStamp's YUV weights: chroma changes are far more visible per unit than luma changes.

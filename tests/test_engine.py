@@ -1,6 +1,5 @@
 """Pieces of the shared loop: losses, warm-up ramp, metrics, checkpoints, LPIPS loading."""
 import os
-import pickle
 
 import pytest
 import torch

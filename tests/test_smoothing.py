@@ -2,10 +2,8 @@
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from scipy.stats import beta, norm
 from torch import nn
 
