@@ -128,8 +128,8 @@ class ResizedCrop(Corruption):
 
 
 class ColorJitter(Corruption):
-    """Brightness, contrast and saturation factors 1 ± U(0, ·), hue shift ± U(0, hue) turns (torchvision's
-    semantics, kornia's functions), applied in that order."""
+    """Brightness, contrast and saturation factors 1 ± U(0, ·) (torchvision's semantics, kornia's functions),
+    then a hue shift of ± U(0, hue) turns as a rotation of the YUV chroma plane, in that order."""
 
     name = "jitter"
 
@@ -148,7 +148,22 @@ class ColorJitter(Corruption):
         x = e.adjust_brightness_accumulative(x, factor(self.brightness))
         x = e.adjust_contrast_with_mean_subtraction(x, factor(self.contrast))
         x = e.adjust_saturation_with_gray_subtraction(x, factor(self.saturation))
-        return e.adjust_hue(x.clamp(0, 1), 2 * math.pi * s * self._uniform((-self.hue, self.hue), s))
+        return self._rotate_hue(x.clamp(0, 1), 2 * math.pi * s * self._uniform((-self.hue, self.hue), s))
+
+    @staticmethod
+    def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+        """Hue shift as a rotation of the chroma plane (U, V) in YUV, keeping luma Y.
+
+        kornia's adjust_hue goes through HSV, whose hue divides by max − min: on near-grey pixels its gradient
+        is NaN, and one such pixel turned a train_rs_aug.py run's weights to NaN (measured: step 600 of the
+        CPU demo). The YUV rotation is smooth everywhere, and equal to HSV's shift up to the usual
+        perceptual-vs-hexagonal hue difference.
+        """
+        yuv = kornia.color.rgb_to_yuv(x)
+        cos, sin = angle.cos().view(-1, 1, 1), angle.sin().view(-1, 1, 1)
+        u, v = yuv[:, 1], yuv[:, 2]
+        rotated = torch.stack([yuv[:, 0], cos * u - sin * v, sin * u + cos * v], 1)
+        return kornia.color.yuv_to_rgb(rotated)
 
     def extra_repr(self):
         return (f"brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation}, "
