@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from datasets import ImageFolderDataset, resolve_image_paths, split_files
-from engine.cli import HelpFormatter, non_negative_int, positive_float, positive_int
+from engine.cli import HelpFormatter, non_negative_int, positive_float, positive_int, significance
 from engine.device import pick_device, seed_everything
 from engine.losses import load_lpips
 from engine.rundir import git_commit
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sigma", type=positive_float, default=None, help="smoothing σ (default: the run's --std)")
     s.add_argument("--predict_n", type=positive_int, default=None,
                    help=f"noise samples per PREDICT (default {FULL['predict_n']}; {QUICK['predict_n']} quick)")
-    s.add_argument("--alpha", type=positive_float, default=0.001, help="PREDICT's and CERTIFY's failure rate")
+    s.add_argument("--alpha", type=significance, default=0.001, help="PREDICT's and CERTIFY's failure rate")
     s.add_argument("--certify_n", type=positive_int, default=None,
                    help=f"CERTIFY's estimation samples (default {FULL['certify_n']:,}, the paper's; "
                         f"{QUICK['certify_n']} quick)")
@@ -204,7 +204,7 @@ class Evaluation:
         self.calibration_ = {
             "score": ("fraction of noisy samples read as stamped" if self.sigma else
                       "logit(stamped) − logit(clean)"),
-            "roc": roc_curve(clean, stamped), "auc": None,
+            "roc": roc_curve(clean, stamped),
             "operating_points": [operating_point(clean, stamped, fpr) for fpr in TARGET_FPRS],
         }
         self.calibration_["auc"] = self.calibration_["roc"]["auc"]

@@ -41,7 +41,7 @@ import torch
 from scipy.stats import binomtest
 from tqdm import tqdm
 
-from engine.cli import HelpFormatter, non_negative_int, positive_float, positive_int
+from engine.cli import HelpFormatter, non_negative_int, positive_float, positive_int, significance
 from engine.device import pick_device
 from models import STAMPED
 from report.judge import Judge
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--plain", action="store_true", help="judge by the plain scanner even if the model has a σ")
     s.add_argument("--n", type=positive_int, default=1000,
                    help="noise samples per image for the smoothed verdict, and CERTIFY's estimation samples")
-    s.add_argument("--alpha", type=_probability, default=0.001, help="significance level of verdicts and certificates")
+    s.add_argument("--alpha", type=significance, default=0.001, help="significance level of verdicts and certificates")
     s.add_argument("--certify", action="store_true",
                    help="also certify each image (Cohen's CERTIFY): class and L2 radius; costs n0 + n more passes")
     s.add_argument("--n0", type=positive_int, default=100, help="CERTIFY's selection samples")
@@ -219,13 +219,6 @@ def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
     return value
 
 

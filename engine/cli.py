@@ -46,6 +46,14 @@ def probability(text: str) -> float:
     return value
 
 
+def significance(text: str) -> float:
+    """A significance level or failure probability, strictly between 0 and 1 (e.g. smoothing's --alpha)."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults, and keep the script docstring's line breaks (its example commands)."""
 

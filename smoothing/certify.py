@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from datasets import ImageFolderDataset, resolve_image_paths
-from engine.cli import HelpFormatter, non_negative_int, positive_float, positive_int
+from engine.cli import HelpFormatter, non_negative_int, positive_float, positive_int, significance
 from engine.device import autocast, pick_device
 from models import CLEAN, STAMPED, load_pretrained
 from models.io import CONFIG_NAME
@@ -197,13 +197,6 @@ def resolve_model(path) -> tuple[Path, Path | None, dict]:
     return model_dir, run_dir, run_args
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m smoothing.certify", description=__doc__,
                                 formatter_class=HelpFormatter)
@@ -218,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n0", type=positive_int, default=100, help="noise samples that select the class")
     p.add_argument("--n", type=positive_int, default=100_000,
                    help="noise samples that estimate its probability; cost is linear in n0 + n")
-    p.add_argument("--alpha", type=_probability, default=0.001,
+    p.add_argument("--alpha", type=significance, default=0.001,
                    help="failure probability of each certificate")
     p.add_argument("--batch_size", type=positive_int, default=400,
                    help="noisy copies classified at once (memory: batch_size × one image's activations)")
