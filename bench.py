@@ -37,6 +37,7 @@ from engine.cli import HelpFormatter, positive_int, positive_float
 from engine.device import autocast, configure_speed, pick_device
 from engine.training import Trainer
 from models import Scanner, ScannerConfig, StampEncoder
+from models.scanner import ARCHS
 from smoothing import Smooth
 
 SCRIPTS = ("train", "train_rs", "train_rs_aug")
@@ -301,7 +302,7 @@ def settings(args, device) -> dict:
         scanner_size=400, scanner_batch=64 if gpu else 8,
         stamp_sizes=((400, 400), MEGAPIXEL_12),
         certify_n=args.certify_n or (4000 if gpu else 200), certify_batch=400 if gpu else 100,
-        repeats=args.repeats, arch=args.scanner or ("resnet18" if gpu else "narrow"), encoder_width=1.0,
+        repeats=args.repeats, arch=args.scanner or ("resnet18" if gpu else "fast"), encoder_width=1.0,
     )
 
 
@@ -344,8 +345,8 @@ def main(argv=None):
                         help="training steps per timed run (default: 5 on CUDA, 1 on CPU)")
     parser.add_argument("--batch_size", type=positive_int, default=None,
                         help="training batch at both sizes (default: 32 at 128², 16 at 400² on CUDA; 8 and 2 on CPU)")
-    parser.add_argument("--scanner", choices=("resnet18", "narrow"), default=None,
-                        help="scanner architecture (default: resnet18 on CUDA, narrow on CPU)")
+    parser.add_argument("--scanner", choices=ARCHS, default=None,
+                        help="scanner architecture (default: resnet18 on CUDA, fast on CPU)")
     parser.add_argument("--certify_n", type=positive_int, default=None,
                         help="noise samples per timed certification run (default: 4000 on CUDA, 200 on CPU)")
     parser.add_argument("--only", default=None, help="run only the entries whose label contains this text")
