@@ -99,6 +99,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                        help="scanner architecture: resnet18 (the paper's), narrow (ResNet-18 at 16-32-64-128) or fast "
                             "(7 unpadded convs, ~850 img/s at 400x400 on 2 CPU cores; needs --image_size >= 108 "
                             "or it sees padding)")
+    model.add_argument("--init_from", default=None, metavar="MODEL_OR_RUN",
+                       help="fine-tune: start from these weights (a model folder with config.json, or a run folder "
+                            "holding model/) with a fresh optimiser at step 0; the architecture is the model's")
     model.add_argument("--bn_freeze_step", type=int, default=None,
                        help="from this step on, the scanner's BatchNorm layers use and keep their running "
                             "statistics, so it trains as it is judged: one image at a time. Default: when the "

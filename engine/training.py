@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from datasets import ImageFolderDataset, resolve_image_paths, split_files
 from models import Scanner, ScannerConfig, StampEncoder, StampEncoderConfig, save_pretrained
-from models.io import config_from_dict
+from models.io import config_from_dict, load_pretrained, pretrained_dir
 
 from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -113,9 +113,15 @@ class Trainer:
                  log=print):
         self.args, self.views, self.device, self.dist, self.log = args, views, device, dist, log
         self.channels_last = use_channels_last(args, device)
+        init = None
         if checkpoint:
             enc_cfg = config_from_dict(StampEncoderConfig, checkpoint["encoder_config"], "checkpoint")
             scan_cfg = config_from_dict(ScannerConfig, checkpoint["scanner_config"], "checkpoint")
+        elif getattr(args, "init_from", None):
+            init = load_pretrained(pretrained_dir(args.init_from))
+            enc_cfg, scan_cfg = init[0].config, init[1].config
+            log(f"fine-tuning from {args.init_from}: its architecture (encoder {enc_cfg}, scanner {scan_cfg}) and "
+                f"weights; --encoder_width, --max_residual and --scanner are not used")
         else:
             enc_cfg = StampEncoderConfig(width=args.encoder_width, max_residual=args.max_residual)
             scan_cfg = ScannerConfig(arch=args.scanner)
@@ -133,6 +139,9 @@ class Trainer:
                                else args.bn_freeze_step)
         if checkpoint:
             self.load(checkpoint)
+        elif init:
+            self.encoder.load_state_dict(init[0].state_dict())
+            self.scanner.load_state_dict(init[1].state_dict())
         if getattr(args, "compile", False):
             # Inductor's layout optimisation turns the convolutions channels_last on its own and then trips over
             # replication_pad2d_backward's contiguous gradient (see use_channels_last): keep the layout we chose.
@@ -390,7 +399,7 @@ def train(args, views: ViewFn = plain_view, log=print) -> dict | None:
     logs, validates, writes checkpoints, exports and returns the summary.
     """
     d, device = distributed.setup(args.device)
-    stop = StopRequest(d)  # first thing, so that a Ctrl-C during set-up is honoured at the first log interval
+    stop = StopRequest(d)  # first thing, so that a Ctrl-C or SIGTERM during set-up is honoured after the first step
     try:
         return _train(args, views, d, device, log if d.is_main else _quiet, stop)
     finally:
@@ -408,6 +417,8 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
     batches = r.batches()
     step = r.start_step
     sums, n_sum = defaultdict(float), 0
+    finite, interval_start = [], step  # per step: which loss terms were finite (named when one is not)
+    saved = step if r.run.last_checkpoint.exists() else None
     val = {}
     t0, images_seen = time.time(), 0
     bar = tqdm(total=args.max_step, initial=step, desc=args.run_name, dynamic_ncols=True, file=sys.stderr,
@@ -421,31 +432,42 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
             bar.update(1)
             for k, v in terms.items():
                 sums[k] = sums[k] + v  # stays on the device: no synchronisation until we log
+            finite.append(torch.stack([torch.as_tensor(terms[k]).isfinite() for k in sorted(terms)]))
             n_sum += 1
-            if step % args.log_every == 0 or step == args.max_step:
-                # The one synchronisation point: the means over the interval and over the ranks, and whether
-                # any rank was asked to stop (so that all of them stop here, together).
+            if (step % args.log_every == 0 or step == args.max_step or step % args.save_every == 0
+                    or (stop.requested and not d.enabled)):
+                # The one synchronisation point, and always one before a checkpoint is written: the means over
+                # the interval and over the ranks, whether the weights are still finite (a non-finite gradient
+                # can leave the loss finite), and whether any rank was asked to stop (so that all of them stop
+                # here, together; a single process stops after the step in which the signal came).
                 keys = sorted(sums)
+                weights_finite = torch.stack([t.isfinite().all() for m in (r.encoder, r.scanner)
+                                              for t in m.state_dict().values() if t.is_floating_point()]).all()
                 packed = torch.stack([torch.as_tensor(sums[k], device=device, dtype=torch.float32) / n_sum
-                                      for k in keys] + [torch.tensor(float(stop.requested), device=device)])
+                                      for k in keys] + [torch.tensor(float(stop.requested), device=device),
+                                                        (~weights_finite).float()])
                 packed = all_reduce_mean(d, packed).tolist()
-                means, stop_requested = dict(zip(keys, packed[:-1])), packed[-1] > 0
+                means, stop_requested, weights_bad = dict(zip(keys, packed[:-2])), packed[-2] > 0, packed[-1] > 0
                 for k, v in means.items():
                     r.writer.add_scalar(k, v, step)
                 r.writer.add_scalar("lr", r.trainer.scheduler.get_last_lr()[0], step)
                 r.writer.add_scalar("image_loss_ramp", image_loss_ramp(step, args.warmup_steps, args.ramp_steps), step)
                 bar.set_postfix({"loss": f"{means['loss/total']:.3g}", "psnr": f"{means['train/psnr']:.1f}",
                                  **{k[4:]: f"{v:.2f}" for k, v in means.items() if k.startswith("acc/")}})
-                if not all(math.isfinite(v) for v in means.values()):
-                    bad = [k for k, v in means.items() if not math.isfinite(v)]
-                    raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}; the last checkpoint "
-                                             f"({r.run.last_checkpoint}) is kept, nothing was saved after it")
+                if weights_bad or not all(math.isfinite(v) for v in means.values()):
+                    bar.close()
+                    raise FloatingPointError(_nonfinite(finite, keys, interval_start, step, means, weights_bad)
+                                             + (f"; the last checkpoint ({r.run.last_checkpoint}, step {saved}) is "
+                                                f"kept, nothing was saved after it" if saved is not None else
+                                                "; no checkpoint was saved"))
                 sums, n_sum = defaultdict(float), 0
+                finite, interval_start = [], step
                 if stop_requested:
                     r.save(step)
                     bar.close()
-                    log(f"\ninterrupted at step {step}; saved {r.run.last_checkpoint}. Run the same command to resume.")
-                    raise SystemExit(130)
+                    log(f"\ninterrupted at step {step}; saved {r.run.last_checkpoint} ({stop.name}). Run the same "
+                        f"command to resume from step {step}.")
+                    raise SystemExit(stop.exit_status)
             if d.is_main and (step % args.val_every == 0 or step == args.max_step):
                 # Rank 0 alone; the others wait for it in the next step's gradient all-reduce.
                 val = r.validate(step)
@@ -454,15 +476,14 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
                           f"{val['acc_stamped']:.3f}{by_view}), PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}")
             if step % args.save_every == 0 or step == args.max_step:
                 r.save(step)
+                saved = step
     except KeyboardInterrupt:
-        # A single process (or a second Ctrl-C under torchrun): save what this process has, no collective.
+        # A second signal (StopRequest): stop now, mid-step perhaps, so save nothing; last.pt is whole (atomic).
         bar.close()
-        if d.enabled:
-            log(f"\ninterrupted at step {step} without saving; resume continues from {r.run.last_checkpoint}")
-        else:
-            r.save(step, collective=False)
-            log(f"\ninterrupted at step {step}; saved {r.run.last_checkpoint}. Run the same command to resume.")
+        log(f"\ninterrupted again at step {step}: not saved; the same command resumes from {r.run.last_checkpoint}"
+            + (f" (step {saved})" if saved is not None else " (none yet: it starts over)"))
         raise SystemExit(130)
+    stop.restore()  # from here on (evaluation, export) Ctrl-C stops at once: the last checkpoint is saved
     bar.close()
     train_seconds = time.time() - t0
     if not d.is_main:
@@ -510,6 +531,21 @@ def _finish(r: _Run, step: int, train_seconds: float, images_seen: int, val: dic
     return summary
 
 
+def _nonfinite(finite: list, keys: list, start: int, step: int, means: dict, weights_bad: bool) -> str:
+    """What went non-finite, and at which step: from this rank's per-step flags (one (terms,) bool tensor per
+    step since step `start`), else from the means over the ranks, else the weights."""
+    flags = torch.stack(finite).cpu() if finite else torch.ones(0, len(keys), dtype=torch.bool)
+    rows = (~flags).any(1).nonzero().flatten().tolist()
+    if rows:
+        bad = [k for k, ok in zip(keys, flags[rows[0]].tolist()) if not ok]
+        return f"non-finite {', '.join(bad)} at step {start + rows[0] + 1}"
+    bad = [k for k, v in means.items() if not math.isfinite(v)]
+    if bad:
+        return f"non-finite {', '.join(bad)} in steps {start + 1}-{step} (on another rank)"
+    return (f"non-finite weights at step {step} while every loss term was finite: a non-finite gradient in steps "
+            f"{start + 1}-{step}")
+
+
 def _metrics_line(label: str, m: dict) -> str:
     by_view = "".join(f", {k[4:]} {100 * v:.1f}%" for k, v in m.items() if k.startswith("acc/"))
     return (f"   {label}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, accuracy clean {100 * m['acc_clean']:.1f}% "
@@ -522,3 +558,6 @@ def run_cli(parser, args, views: ViewFn) -> dict:
         return train(args, views)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except KeyboardInterrupt:  # a second Ctrl-C during set-up, or one during the final evaluation
+        parser.exit(130, f"\n{parser.prog}: interrupted; checkpoints written so far are whole, and the same "
+                         f"command resumes from the last one\n")

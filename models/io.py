@@ -1,6 +1,7 @@
 """Shipped weights: safetensors files plus a config.json, loadable without unpickling anything."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, fields
@@ -28,17 +29,30 @@ def config_from_dict(cls, values: dict, source: str):
 
 
 def save_pretrained(directory, encoder: StampEncoder, scanner: Scanner, extra: dict | None = None) -> Path:
-    """Write encoder.safetensors, scanner.safetensors and config.json (configs + `extra`) into `directory`."""
+    """Write encoder.safetensors, scanner.safetensors and config.json (configs + `extra`) into `directory`.
+
+    config.json records the SHA-256 of each weights file ("sha256"), which load_pretrained checks: safetensors
+    has no checksum of its own, so a damaged byte in the weights would otherwise load as a silently wrong model.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    digests = {}
     for module, name in ((encoder, ENCODER_NAME), (scanner, SCANNER_NAME)):
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         tmp = directory / (name + ".tmp")
         save_file(state, str(tmp))
+        digests[name] = _sha256(tmp)
         os.replace(tmp, directory / name)
-    config = {"encoder": asdict(encoder.config), "scanner": asdict(scanner.config), **(extra or {})}
+    config = {"encoder": asdict(encoder.config), "scanner": asdict(scanner.config), **(extra or {}),
+              "sha256": digests}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def pretrained_dir(path) -> Path:
+    """A model folder (holding config.json) or a run folder (holding model/config.json) → the model folder."""
+    path = Path(path)
+    return path / "model" if (path / "model" / CONFIG_NAME).is_file() else path
 
 
 def load_pretrained(directory, device="cpu") -> tuple[StampEncoder, Scanner, dict]:
@@ -50,10 +64,18 @@ def load_pretrained(directory, device="cpu") -> tuple[StampEncoder, Scanner, dic
                                 f"{ENCODER_NAME} and {SCANNER_NAME}")
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    encoder = StampEncoder(config_from_dict(StampEncoderConfig, config.get("encoder", {}), str(config_path)))
-    scanner = Scanner(config_from_dict(ScannerConfig, config.get("scanner", {}), str(config_path)))
+    if not isinstance(config, dict) or not all(isinstance(config.get(k, {}), dict) for k in ("encoder", "scanner")):
+        raise ValueError(f"{config_path}: not a model config (a JSON object with \"encoder\" and \"scanner\" "
+                         f"objects)")
+    try:
+        encoder = StampEncoder(config_from_dict(StampEncoderConfig, config.get("encoder", {}), str(config_path)))
+        scanner = Scanner(config_from_dict(ScannerConfig, config.get("scanner", {}), str(config_path)))
+    except (TypeError, ValueError) as e:  # a value of the wrong type or out of range
+        message = str(e) if str(e).startswith(str(config_path)) else f"{config_path}: invalid model config ({e})"
+        raise ValueError(message) from None
+    digests = config.get("sha256") if isinstance(config.get("sha256"), dict) else {}
     for module, name in ((encoder, ENCODER_NAME), (scanner, SCANNER_NAME)):
         path = directory / name
         try:
@@ -62,26 +84,43 @@ def load_pretrained(directory, device="cpu") -> tuple[StampEncoder, Scanner, dic
             raise FileNotFoundError(f"{path}: missing") from None
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        if name in digests and _sha256(path) != digests[name]:
+            raise ValueError(f"{path}: damaged or replaced: its SHA-256 differs from the one {CONFIG_NAME} recorded "
+                             f"when it was saved")
         load_state_checked(module, state, str(path))
     return encoder.to(device).eval(), scanner.to(device).eval(), config
 
 
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_state_checked(module: torch.nn.Module, state: dict, source: str) -> None:
-    """load_state_dict, with one clear line when the weights do not match the config's architecture."""
+    """load_state_dict, with one clear line when the weights do not match the config's architecture (names,
+    shapes, floating point or not), or hold NaN or infinity (weights saved from a run that diverged)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape
+                   or own[k].is_floating_point() != state[k].is_floating_point())
     if missing or unexpected or wrong:
         detail = []
         if wrong:
             k = wrong[0]
-            detail.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: weights {tuple(state[k].shape)} "
-                          f"vs config {tuple(own[k].shape)}")
+            detail.append(f"{len(wrong)} shape or dtype mismatch(es), e.g. {k}: weights {tuple(state[k].shape)} "
+                          f"{state[k].dtype} vs config {tuple(own[k].shape)} {own[k].dtype}")
         if missing:
             detail.append(f"{len(missing)} missing, e.g. {missing[0]}")
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
         raise ValueError(f"{source}: weights do not match the {type(module).__name__} config: "
                          + "; ".join(detail))
+    nonfinite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all()))
+    if nonfinite:
+        raise ValueError(f"{source}: {len(nonfinite)} tensor(s) hold NaN or infinity, e.g. {nonfinite[0]}; these "
+                         f"weights come from a run that diverged or a damaged file")
     module.load_state_dict(state)

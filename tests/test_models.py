@@ -5,7 +5,9 @@ import pytest
 import torch
 import torchvision
 
+
 from models import Scanner, ScannerConfig, StampEncoder, StampEncoderConfig, load_pretrained, save_pretrained
+from models.scanner import valid_min_size
 
 TINY_ENCODER = StampEncoderConfig(width=0.25)
 
@@ -32,8 +34,8 @@ def test_encoder_shape_bound_and_gradients_on_odd_sizes(size):
     assert x.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("arch", ["narrow", "resnet18"])
-@pytest.mark.parametrize("size", [(67, 93), (1, 1), (33, 17)])
+@pytest.mark.parametrize("arch", ["narrow", "resnet18", "fast"])
+@pytest.mark.parametrize("size", [(67, 93), (1, 1), (33, 17), (150, 113)])
 def test_scanner_two_logits_on_any_size_with_gradients(arch, size):
     scanner = Scanner(ScannerConfig(arch))
     x = torch.rand(2, 3, *size, requires_grad=True)
@@ -54,6 +56,19 @@ def test_narrow_scanner_is_much_smaller():
     narrow = sum(p.numel() for p in Scanner(ScannerConfig("narrow")).parameters())
     full = sum(p.numel() for p in Scanner(ScannerConfig("resnet18")).parameters())
     assert narrow * 10 < full
+
+
+def test_fast_scanner_is_blind_to_position():
+    """No padding: shifting the content by the net's total stride (32) shifts its feature map by one cell, so a
+    pattern found anywhere in the interior gives the same features, and a flat image the same everywhere."""
+    scanner = Scanner(ScannerConfig("fast")).eval()
+    assert scanner.min_size == valid_min_size() == 108
+    assert not any(m.padding != (0, 0) for m in scanner.modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.rand(1, 3, 300, 300)
+    with torch.no_grad():
+        a = scanner.features((x[..., :268, :268] - scanner.mean) / scanner.std)
+        b = scanner.features((x[..., 32:, 32:] - scanner.mean) / scanner.std)
+    assert torch.allclose(a[..., 1:, 1:], b[..., :-1, :-1], atol=1e-5)
 
 
 def test_unknown_scanner_arch_is_refused_by_name():

@@ -92,3 +92,21 @@ def test_batchnorm_statistics_freeze_at_bn_freeze_step(tmp_path, photo_folder, f
     after = torch.load(tmp_path / "t" / "checkpoints" / "last.pt", weights_only=True)["scanner"]
     assert not torch.equal(before["conv1.weight"], after["conv1.weight"])  # the scanner still learns
     assert torch.equal(before["bn1.running_mean"], after["bn1.running_mean"]) == frozen
+
+
+def test_init_from_fine_tunes_from_a_model_at_step_zero(tmp_path, photo_folder, capsys):
+    _run(tmp_path, "--max_step", "3", "--train_path", str(photo_folder), name="base")
+    base_encoder, base_scanner, _ = load_pretrained(tmp_path / "base" / "model")
+    # A different --encoder_width is overridden by the model's architecture; a near-zero LR keeps its weights.
+    _run(tmp_path, "--max_step", "1", "--train_path", str(photo_folder), "--init_from", str(tmp_path / "base"),
+         "--encoder_width", "0.5", "--lr", "1e-12", "--bn_freeze_step", "0", name="tuned")
+    assert "fine-tuning from" in capsys.readouterr().out
+    encoder, scanner, config = load_pretrained(tmp_path / "tuned" / "model")
+    assert config["step"] == 1 and encoder.config == base_encoder.config
+    for tuned, base in ((encoder, base_encoder), (scanner, base_scanner)):
+        for (name, a), b in zip(tuned.state_dict().items(), base.state_dict().values()):
+            assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    fresh = train.main(["--run_name", "fresh", "--results_dir", str(tmp_path), *TINY, "--max_step", "1",
+                        "--train_path", str(photo_folder), "--lr", "1e-12"])
+    fresh_encoder, _, _ = load_pretrained(tmp_path / "fresh" / "model")
+    assert not torch.allclose(fresh_encoder.to_residual.weight, base_encoder.to_residual.weight)
