@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -102,29 +103,43 @@ def all_reduce_max(d: Dist, values: torch.Tensor) -> torch.Tensor:
 
 
 class StopRequest:
-    """Ctrl-C under torchrun, turned into a request that all ranks honour at the same step.
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's or `kill`'s polite stop), turned into a request that the training
+    loop honours at the end of a step, where the state is consistent.
 
-    torchrun forwards SIGINT (and SIGTERM) to every process, and each would stop wherever it happened to be: one
-    rank gone from the middle of a collective leaves the others waiting in it, and rank 0 could not save. So the
-    first signal only sets a flag; the loop shares the flags at its next log interval (where it synchronises
-    anyway) and every rank leaves there, rank 0 writing a checkpoint. A second signal stops at once, unsaved.
-    Outside torchrun nothing is installed and Ctrl-C raises KeyboardInterrupt as usual.
+    A signal arriving mid-step, or mid-save, must not leave a half-updated model behind; and under torchrun, which
+    forwards SIGINT and SIGTERM to every process, one rank gone from the middle of a collective leaves the others
+    waiting in it. So the first signal only sets a flag (and remembers which signal it was): a single process
+    checks it after every step, a data-parallel run shares the flags at its next log interval (where it
+    synchronises anyway) and every rank leaves there; rank 0 writes a checkpoint. A second signal stops at once,
+    unsaved (KeyboardInterrupt): the previous checkpoint stays as it was, since checkpoints are written atomically.
+    Handlers can only be installed from the main thread; elsewhere nothing is installed.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, d: Dist):
         self.requested = False
+        self.signum: int | None = None
         self._previous = {}
-        if d.enabled:
+        if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+
+    @property
+    def name(self) -> str:
+        """The signal's name, e.g. 'SIGTERM' ('a stop request' when the flag came from a peer rank)."""
+        return signal.Signals(self.signum).name if self.signum is not None else "a stop request"
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal's number, the shell's convention (130 for SIGINT, 143 for SIGTERM)."""
+        return 128 + (self.signum if self.signum is not None else signal.SIGINT)
 
     def _handle(self, signum, frame):
         if self.requested:  # the second one: do not wait any longer
             self.restore()
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
