@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from datasets import ImageFolderDataset, resolve_image_paths, split_files
+from datasets import ImageFolderDataset, UnreadableImageWarning, resolve_image_paths, split_files
 from engine.cli import HelpFormatter, non_negative_int, positive_float, positive_int, significance
 from engine.device import pick_device, seed_everything
 from engine.losses import load_lpips
@@ -150,6 +151,13 @@ class Evaluation:
         if smoothed and self.sigma is None:
             raise ValueError("--judge smoothed needs --sigma: the run gives no training --std")
 
+    def _report_unreadable(self, start: int, what: str) -> None:
+        """Log the files the dataset skipped since entry `start` of its .skipped, one line each."""
+        new = self.images.skipped[start:]
+        if new:
+            self.log(f"warning: {len(new)} unreadable file(s) {what}:\n"
+                     + "\n".join(f"  {path}: {reason}" for path, reason in new))
+
     # ---------------------------------------------------------------- stages
     def load(self):
         args = self.args
@@ -165,13 +173,17 @@ class Evaluation:
                               (", ..." if len(paths) > 6 else "") + ")"
             self.log(f"evaluating on the run's held-out test split of its training data: {len(paths)} photos "
                      f"(--all_images uses every photo)")
-        if args.size:
-            tiles = math.ceil(args.max_images / len(paths)) if args.max_images else None
-            dataset = ImageFolderDataset(paths, args.size, mode="grid", max_tiles_per_image=tiles)
-            batch = args.batch_size
-        else:
-            dataset = ImageFolderDataset(paths, None, mode="full")
-            batch = 1
+        with warnings.catch_warnings():  # reported below, one line per file, and in results.json
+            warnings.simplefilter("ignore", UnreadableImageWarning)
+            if args.size:
+                tiles = math.ceil(args.max_images / len(paths)) if args.max_images else None
+                dataset = ImageFolderDataset(paths, args.size, mode="grid", max_tiles_per_image=tiles)
+                batch = args.batch_size
+            else:
+                dataset = ImageFolderDataset(paths, None, mode="full")
+                batch = 1
+        self.images = dataset  # its .skipped lists the unreadable files (the loader has no worker processes)
+        self._report_unreadable(0, f"left out of the {len(paths)} photos")
         count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
         self.dataset = torch.utils.data.Subset(dataset, range(count))
         self.loader = DataLoader(self.dataset, batch_size=batch, shuffle=False)
@@ -191,9 +203,14 @@ class Evaluation:
         keep = max(self.args.attack_images, self.args.certify_images if self.sigma else 0)
         inner = tqdm(total=len(self.dataset), desc="photos", unit="img", leave=False, file=sys.stderr,
                      dynamic_ncols=True)
-        self.pass_ = detection_pass(self.encoder, self.judge, self.loader, conditions, self.device,
-                                    seed=self.args.seed, lpips_model=self.lpips, keep=keep, progress=inner.update)
+        before = len(self.images.skipped)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnreadableImageWarning)
+            self.pass_ = detection_pass(self.encoder, self.judge, self.loader, conditions, self.device,
+                                        seed=self.args.seed, lpips_model=self.lpips, keep=keep, progress=inner.update)
         inner.close()
+        self._report_unreadable(before, "whose pixel data failed to decode; their tiles were replaced by the next "
+                                        "readable photo's")
         v, s = self.pass_["verdicts"], self.pass_["scores"]
         self.table1 = {name: accuracy_row(*v[name], *s[name]) for name in conditions}
         self.table2 = {"psnr": mean_std(self.pass_["psnr"]), "ssim": mean_std(self.pass_["ssim"]),
@@ -250,6 +267,7 @@ class Evaluation:
                 "quick": args.quick, "seed": args.seed, "git_commit": git_commit(), "device": str(self.device),
                 "predict_n": args.predict_n, "alpha": args.alpha, "eps_255": [e * 255 for e in self.eps],
                 "seconds": round(seconds, 1), "argv": sys.argv[1:],
+                "unreadable": [{"path": str(path), "reason": reason} for path, reason in self.images.skipped],
             },
             "table1": self.table1, "table2": self.table2, "table3": getattr(self, "table3", None),
             "calibration": self.calibration_, "certification": getattr(self, "certification_", None),
@@ -326,6 +344,12 @@ class Evaluation:
             c = results["certification"]
             lines.append(f"   certified accuracy (σ {c['sigma']}): " + ", ".join(
                 f"r {float(r):g}: {100 * v:.0f}%" for r, v in list(c["all"].items())[:4]))
+        unreadable = results["settings"]["unreadable"]
+        if unreadable:
+            lines.append(f"   {len(unreadable)} unreadable file(s) skipped: " + ", ".join(
+                f"{Path(u['path']).name} ({u['reason'].split(' (')[0]})" for u in unreadable[:10])
+                         + (f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else "")
+                         + " (all in results.json)")
         lines.append(f"   wrote {len(files)} files to {self.out}/ (tables.md, results.json, CSVs, plots, tb/)")
         self.log("\n".join(lines))
 

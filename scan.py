@@ -46,7 +46,8 @@ from engine.device import pick_device
 from models import STAMPED
 from report.judge import Judge
 from smoothing import ABSTAIN, Smooth
-from stamp import DEFAULT_WORKING_SIZE, expand_inputs, load_model, pixels_to_tensor, read_pixels, to_working
+from stamp import (DEFAULT_WORKING_SIZE, expand_inputs, load_model, pixels_to_tensor, read_pixels, report_failures,
+                   to_working)
 
 CALIBRATION_NAME = "calibration.json"
 #: evaluate.py's names for the two kinds of score (report "calibration" → "score"); a calibration is used only
@@ -234,6 +235,7 @@ def run(args, out=None, err=None) -> dict:
     items = expand_inputs(args.inputs)
     log(f"scanning {len(items)} input(s) with {scanner.describe()}")
     counts = {"stamped": 0, "clean": 0, "abstain": 0, "error": 0}
+    unreadable = []  # (path, reason), listed again at the end
     t0 = time.perf_counter()
     bar = tqdm(items, unit="img", desc="scan", file=err, dynamic_ncols=True, disable=None if len(items) > 1 else True)
     for item in bar:
@@ -246,6 +248,8 @@ def run(args, out=None, err=None) -> dict:
                 result = {"path": str(item.path), "verdict": "error",
                           "error": getattr(e, "reason", None) or str(e)}
         counts[result["verdict"]] += 1
+        if result["verdict"] == "error":
+            unreadable.append((result["path"], result["error"]))
         text = json.dumps(result, ensure_ascii=False) if args.json else scanner.line(result)
         tqdm.write(text, file=out)
         out.flush()
@@ -257,6 +261,7 @@ def run(args, out=None, err=None) -> dict:
         + (f" ({seconds / read:.2f} s/image)" if read else "")
         + f": {counts['stamped']} stamped, {counts['clean']} clean, {counts['abstain']} abstained, "
           f"{counts['error']} unreadable; threshold {t.value:.4g} ({t.text})")
+    report_failures("unreadable", unreadable, file=err)
     return counts
 
 

@@ -289,11 +289,13 @@ def run(args) -> dict:
           f"writing {fmt} to {args.out}/", file=sys.stderr, flush=True)
 
     done, failed, psnrs, seconds = 0, [], [], 0.0
+    reasons = []  # (path, reason) of every input not stamped, listed again at the end
     bar = tqdm(items, unit="img", desc="stamp", file=sys.stderr, dynamic_ncols=True, disable=None if len(items) > 1
                else True)
     for i, item in enumerate(bar):
         if item.error is not None:
             failed.append(item.path)
+            reasons.append((item.path, item.error))
             tqdm.write(f"stamp.py: {item.path}: {item.error} (skipped)", file=sys.stderr)
             continue
         t0 = time.perf_counter()
@@ -301,6 +303,7 @@ def run(args) -> dict:
             pixels = read_pixels(item.path)
         except ValueError as e:  # ImageReadError: "<path>: <reason>"
             failed.append(item.path)
+            reasons.append((item.path, getattr(e, "reason", None) or str(e)))
             tqdm.write(f"stamp.py: {e} (skipped)", file=sys.stderr)
             continue
         stamped, work = stamp_pixels(encoder, pixels, args.working_size)
@@ -310,6 +313,7 @@ def run(args) -> dict:
             write_image(stamped, target, args.quality)
         except OSError as e:
             failed.append(item.path)
+            reasons.append((item.path, f"cannot write {target} ({e})"))
             tqdm.write(f"stamp.py: {target}: cannot write ({e}); {item.path} skipped", file=sys.stderr)
             continue
         elapsed = time.perf_counter() - t0
@@ -328,7 +332,23 @@ def run(args) -> dict:
     per = f"{summary['seconds_per_image']:.2f} s/image" if done else "no image stamped"
     print(f"stamped {done} of {len(items)} image(s) into {args.out}/ ({len(failed)} failed): {mean}, {per} "
           f"(read, stamp, write), working resolution {size_text}", flush=True)
+    report_failures("not stamped", reasons)
     return summary
+
+
+#: How many failed inputs the end-of-run list names (each was also reported when it happened).
+MAX_LISTED = 20
+
+
+def report_failures(title: str, failures, file=None) -> None:
+    """The inputs a batch could not process, listed together at its end (on stderr): 'TITLE (N):' then one
+    'PATH: REASON' line each, at most MAX_LISTED of them."""
+    if not failures:
+        return
+    lines = [f"{title} ({len(failures)}):"] + [f"  {path}: {reason}" for path, reason in failures[:MAX_LISTED]]
+    if len(failures) > MAX_LISTED:
+        lines.append(f"  and {len(failures) - MAX_LISTED} more (each reported above)")
+    print("\n".join(lines), file=file or sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,7 @@ worker.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import warnings
 from pathlib import Path
@@ -87,8 +88,8 @@ def _open(path: Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             return Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageReadError(path, _bomb_reason()) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageReadError(path, _bomb_reason(exc)) from None
     except UnidentifiedImageError:
         raise ImageReadError(path, "not a recognised image format") from None
     except PermissionError:
@@ -97,8 +98,11 @@ def _open(path: Path) -> Image.Image:
         raise ImageReadError(path, f"corrupt image header ({exc})") from None
 
 
-def _bomb_reason() -> str:
-    return (f"exceeds Pillow's decompression-bomb limit of "
+def _bomb_reason(exc: Exception) -> str:
+    # Pillow's message: "Image size (400000000 pixels) exceeds limit of ... pixels, could be decompression bomb ..."
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1)):,} pixels, which " if found else ""
+    return (f"decompression bomb: {size}exceeds Pillow's decompression-bomb limit of "
             f"{Image.MAX_IMAGE_PIXELS} pixels (raise PIL.Image.MAX_IMAGE_PIXELS "
             f"if the file is trusted)")
 
@@ -169,8 +173,8 @@ def load_rgb(path: PathLike, *, min_side: int = 2) -> Image.Image:
         # half-grey training images are reported rather than silently used.
         try:
             img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageReadError(path, _bomb_reason()) from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageReadError(path, _bomb_reason(exc)) from None
         except _PILLOW_DATA_ERRORS as exc:
             raise ImageReadError(path, f"truncated or corrupt image data ({exc})") from None
         try:
