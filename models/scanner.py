@@ -28,10 +28,10 @@ FAST_LAYERS = ((16, 4, 4), (32, 3, 2), (32, 3, 1), (64, 3, 2), (64, 3, 1), (128,
 ARCHS = (*RESNETS, "fast")
 
 
-def valid_min_size(layers=FAST_LAYERS) -> int:
-    """Smallest side a stack of unpadded convs maps to at least one output pixel."""
+def valid_min_size(layers=None) -> int:
+    """Smallest side a stack of unpadded convs (default: FAST_LAYERS) maps to at least one output pixel."""
     size = 1
-    for _, kernel, stride in reversed(layers):
+    for _, kernel, stride in reversed(layers or FAST_LAYERS):
         size = (size - 1) * stride + kernel
     return size
 
