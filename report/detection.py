@@ -58,8 +58,23 @@ def detection_pass(encoder, judge: Judge, loader, conditions: dict, device, *, s
         "scores": {k: (cat(v[0]), cat(v[1])) for k, v in scores.items()},
         "psnr": cat(quality["psnr"]), "ssim": cat(quality["ssim"]),
         "lpips": cat(quality["lpips"]) if lpips_model is not None else None,
-        "kept": (cat(kept_clean)[:keep], cat(kept_stamped)[:keep]),
+        "kept": (common_size(kept_clean)[:keep], common_size(kept_stamped)[:keep]),
     }
+
+
+def common_size(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Batches of images, possibly of different sizes (photos at native resolution) → one (N,3,h,w) tensor,
+    each image centre-cropped to the smallest height and width among them, so that attacks and certification
+    can batch them. Batches of one size are simply concatenated."""
+    if not batches:
+        return torch.empty(0)
+    h = min(b.shape[-2] for b in batches)
+    w = min(b.shape[-1] for b in batches)
+    crops = []
+    for b in batches:
+        top, left = (b.shape[-2] - h) // 2, (b.shape[-1] - w) // 2
+        crops.append(b[..., top:top + h, left:left + w])
+    return torch.cat(crops)
 
 
 def accuracy_row(clean_verdicts: torch.Tensor, stamped_verdicts: torch.Tensor,

@@ -11,6 +11,7 @@ import train
 import train_rs
 from report.calibration import clopper_pearson, operating_point
 from report.conditions import table1_conditions
+from report.detection import common_size
 from conftest import TINY_TRAIN_FLAGS as TINY
 
 EVAL = ["--quick", "--size", "32", "--device", "cpu", "--eps", "0,8,32", "--attack_images", "4",
@@ -113,6 +114,19 @@ def test_the_runs_training_photos_are_not_used_by_default(plain_run, photo_folde
                              str(tmp_path), "--attack_images", "0", "--quick", "--size", "32", "--device", "cpu"])
     assert "held-out test split" in capsys.readouterr().out
     assert results["settings"]["photos"] == 1 and results["table3"] is None  # 12 photos → 1 test photo
+
+
+def test_photos_of_different_sizes_at_native_resolution_are_attacked_at_a_common_size(plain_run, photo_folder,
+                                                                                       tmp_path):
+    """--size 0 judges every photo at its own size; attacks batch them centre-cropped to the smallest one."""
+    results = evaluate.main(["--checkpoint", str(plain_run), "--data_path", str(photo_folder), "--all_images",
+                             "--out", str(tmp_path), "--quick", "--size", "0", "--device", "cpu", "--eps", "8",
+                             "--attack_images", "3", "--max_images", "3"])
+    assert results["settings"]["photos"] == 12 and results["table3"]["images"] == 3
+    parts = [torch.rand(1, 3, 41, 57), torch.rand(2, 3, 44, 59)]
+    crops = common_size(parts)
+    assert crops.shape == (3, 3, 41, 57)
+    assert torch.equal(crops[0], parts[0][0]) and torch.equal(crops[1], parts[1][0, :, 1:42, 1:58])
 
 
 def test_a_smoothed_scanner_is_judged_by_predict_and_certified(tmp_path, photo_folder):
