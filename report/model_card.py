@@ -80,7 +80,7 @@ def write_card(run_dir: Path, out: Path, title: str, commands: list[str], eval_d
     test, photos = summary["test_crops"], summary["test_photos_native_resolution"]
     lines = [
         f"# {title}", "",
-        *notes, "" if notes else None,
+        *[line for note in notes for line in (note, "")],
         "## Training", "",
         "```", *commands, "```", "",
         f"- steps: {summary['step']} (batch {args['batch_size']} of {args['image_size']}×{args['image_size']} crops"

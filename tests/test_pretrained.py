@@ -1,0 +1,97 @@
+"""The shipped models in pretrained_models/: complete folders with model cards, and stamp.py → scan.py with them
+on the photos scikit-image ships, at the default working resolution (512 px)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+import scan
+import stamp
+from models import load_pretrained
+from models.io import CONFIG_NAME, ENCODER_NAME, SCANNER_NAME
+
+from test_stamp_scan import cli
+
+SHIPPED = Path(__file__).resolve().parents[1] / "pretrained_models"
+MODELS = ["baseline", "rs/sigma_0.25", "rs/sigma_0.5", "rs/sigma_0.75", "rs_aug"]
+#: Few noise samples for the smoothed models' verdicts: enough for clear-cut photos, and the tests stay fast.
+FEW = ["--n", "200"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Four scikit-image photos (colour and grey, 451×300 to 1000×872) as PNG."""
+    folder = tmp_path_factory.mktemp("in")
+    for name in ("camera", "rocket", "chelsea", "hubble_deep_field"):
+        Image.fromarray(getattr(skimage.data, name)()).save(folder / f"{name}.png")
+    return folder
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_shipped_model_folder_is_complete_with_a_model_card(name):
+    folder = SHIPPED / name
+    for file in (ENCODER_NAME, SCANNER_NAME, CONFIG_NAME, "README.md", "calibration.json"):
+        assert (folder / file).is_file(), f"{folder / file} missing"
+    encoder, scanner, config = load_pretrained(folder)
+    assert scanner.config.arch == "fast"  # the CPU scanner, ≥ 300 images/s at 400×400 (see bench.py)
+    card = (folder / "README.md").read_text()
+    for needed in ("## Training", "python train", "wall time", "machine", "photos180", "## evaluate.py",
+                   "python evaluate.py", "PSNR"):
+        assert needed in card, f"{folder}/README.md lacks {needed!r}"
+    assert (config.get("sigma") is not None) == name.startswith("rs")
+
+
+def _scan(model, inputs, capsys, *flags):
+    code, out, _ = cli(scan, ["--model", str(model), *map(str, inputs), "--json", *flags], capsys)
+    records = [json.loads(line) for line in out.splitlines()]
+    return code, {r["path"].rsplit("/", 1)[-1]: r for r in records}
+
+
+@pytest.mark.parametrize("name", ["baseline", "rs_aug"])
+def test_shipped_model_detects_its_stamp_and_passes_clean_photos(name, photos, tmp_path, capsys):
+    model = SHIPPED / name
+    before = {p.name: p.read_bytes() for p in photos.iterdir()}
+    code, out, _ = cli(stamp, ["--model", str(model), str(photos), "--out", str(tmp_path / "png")], capsys)
+    assert code == 0 and out.count("dB") == len(before)
+    cli(stamp, ["--model", str(model), str(photos), "--out", str(tmp_path / "jpg"), "--quality", "90"], capsys)
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # inputs untouched
+
+    _, clean = _scan(model, [photos], capsys, *FEW)
+    _, stamped = _scan(model, [tmp_path / "png"], capsys, *FEW)
+    _, jpeg = _scan(model, [tmp_path / "jpg"], capsys, *FEW)
+    assert [r["verdict"] for r in clean.values()] == ["clean"] * 4, clean
+    assert [r["verdict"] for r in stamped.values()] == ["stamped"] * 4, stamped
+    assert [r["verdict"] for r in jpeg.values()] == ["stamped"] * 4, jpeg  # JPEG at quality 90: still detected
+    assert all(r["calibrated"] for r in clean.values())  # the threshold is the shipped calibration's
+
+
+def test_shipped_model_round_trips_a_12_megapixel_photo(tmp_path, capsys):
+    big = tmp_path / "big.jpg"
+    Image.fromarray(skimage.data.rocket()).resize((4000, 3000), Image.BICUBIC).save(big, quality=95)
+    model = SHIPPED / "baseline"
+    code, out, _ = cli(stamp, ["--model", str(model), str(big), "--out", str(tmp_path / "out")], capsys)
+    assert code == 0
+    written = tmp_path / "out" / "big.png"
+    with Image.open(written) as im:
+        assert im.size == (4000, 3000)
+        stamped = np.asarray(im.convert("RGB"), dtype=np.float64)
+    with Image.open(big) as im:
+        original = np.asarray(im.convert("RGB"), dtype=np.float64)
+    psnr = 10 * np.log10(255**2 / np.mean((stamped - original) ** 2))
+    assert psnr > 30
+    _, records = _scan(model, [written, big], capsys)
+    assert records["big.png"]["verdict"] == "stamped" and records["big.jpg"]["verdict"] == "clean"
+
+
+def test_shipped_model_reports_broken_files_and_goes_on(photos, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "camera.png").write_bytes((photos / "camera.png").read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    code, records = _scan(SHIPPED / "baseline", [folder], capsys)
+    assert code == 1
+    assert records["broken.jpg"]["verdict"] == "error" and records["broken.jpg"]["error"]
+    assert records["camera.png"]["verdict"] == "clean"
