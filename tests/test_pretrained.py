@@ -33,7 +33,11 @@ def photos(tmp_path_factory):
 @pytest.mark.parametrize("name", MODELS)
 def test_shipped_model_folder_is_complete_with_a_model_card(name):
     folder = SHIPPED / name
-    for file in (ENCODER_NAME, SCANNER_NAME, CONFIG_NAME, "README.md", "calibration.json"):
+    # The rs models ship no calibration: on their few held-out clean photos no threshold below 1 kept the FPR
+    # bound, and a threshold of 1 would never flag anything (their cards say so); scan.py uses PREDICT's ½.
+    needed = (ENCODER_NAME, SCANNER_NAME, CONFIG_NAME, "README.md") + (() if name.startswith("rs/") else
+                                                                     ("calibration.json",))
+    for file in needed:
         assert (folder / file).is_file(), f"{folder / file} missing"
     encoder, scanner, config = load_pretrained(folder)
     assert scanner.config.arch == "fast"  # the CPU scanner, ≥ 300 images/s at 400×400 (see bench.py)
@@ -55,7 +59,7 @@ def test_shipped_model_detects_its_stamp_and_passes_clean_photos(name, photos, t
     model = SHIPPED / name
     before = {p.name: p.read_bytes() for p in photos.iterdir()}
     code, out, _ = cli(stamp, ["--model", str(model), str(photos), "--out", str(tmp_path / "png")], capsys)
-    assert code == 0 and out.count("dB") == len(before)
+    assert code == 0 and sum(" -> " in line and "PSNR" in line for line in out.splitlines()) == len(before)
     cli(stamp, ["--model", str(model), str(photos), "--out", str(tmp_path / "jpg"), "--quality", "90"], capsys)
     assert {p.name: p.read_bytes() for p in photos.iterdir()} == before  # inputs untouched
 
