@@ -97,7 +97,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--scanner", choices=sorted(ARCHS), default="resnet18",
                        help="scanner architecture: resnet18 (the paper's), narrow (ResNet-18 at 16-32-64-128) or fast "
-                            "(7 unpadded convs, ~850 img/s at 400x400 on 2 CPU cores; needs --image_size >= 108 "
+                            "(7 unpadded convs, about 4x narrow: 300-450 img/s at 400x400 on 2 CPU cores; needs --image_size >= 108 "
                             "or it sees padding)")
     model.add_argument("--init_from", default=None, metavar="MODEL_OR_RUN",
                        help="fine-tune: start from these weights (a model folder with config.json, or a run folder "
