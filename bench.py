@@ -23,7 +23,6 @@ import contextlib
 import importlib
 import io
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from PIL import Image
 from datasets.images import load_rgb, to_tensor
 from datasets.samples import sample_photo_paths
 from engine.cli import HelpFormatter, positive_int, positive_float
-from engine.device import autocast, configure_speed, pick_device
+from engine.device import autocast, configure_speed, cpu_name, pick_device
 from engine.training import Trainer
 from models import Scanner, ScannerConfig, StampEncoder
 from models.scanner import ARCHS
@@ -276,13 +275,7 @@ def jpeg_entry(image: torch.Tensor):
 
 # ------------------------------------------------------------------------------------------------ main
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    text = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if device.type == "cuda":
         text = f"{torch.cuda.get_device_name(device)} ({text})"
     return text

@@ -29,6 +29,7 @@ from engine.device import pick_device, seed_everything
 from engine.losses import load_lpips
 from engine.rundir import git_commit
 from models import CLEAN, STAMPED, load_pretrained
+from models.io import CALIBRATION_NAME
 from report.attacks import AttackSettings, robustness_table
 from report.calibration import TARGET_FPRS, operating_point, roc_curve
 from report.conditions import table1_conditions
@@ -353,8 +354,6 @@ class Evaluation:
         lines.append(f"   wrote {len(files)} files to {self.out}/ (tables.md, results.json, CSVs, plots, tb/)")
         self.log("\n".join(lines))
 
-
-CALIBRATION_NAME = "calibration.json"
 
 
 def _model_sigma(model_dir: Path):

@@ -44,12 +44,12 @@ from tqdm import tqdm
 from engine.cli import HelpFormatter, non_negative_int, positive_float, positive_int, significance
 from engine.device import pick_device
 from models import STAMPED
+from models.io import CALIBRATION_NAME
 from report.judge import Judge
 from smoothing import ABSTAIN, Smooth
 from stamp import (DEFAULT_WORKING_SIZE, expand_inputs, load_model, pixels_to_tensor, read_pixels, report_failures,
                    to_working)
 
-CALIBRATION_NAME = "calibration.json"
 #: evaluate.py's names for the two kinds of score (report "calibration" → "score"); a calibration is used only
 #: for the kind of score it was made on.
 PLAIN_SCORE = "logit(stamped) − logit(clean)"

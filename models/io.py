@@ -17,6 +17,8 @@ from .scanner import Scanner, ScannerConfig
 CONFIG_NAME = "config.json"
 ENCODER_NAME = "encoder.safetensors"
 SCANNER_NAME = "scanner.safetensors"
+#: scan.py's threshold, written by evaluate.py --write_calibration
+CALIBRATION_NAME = "calibration.json"
 
 
 def config_from_dict(cls, values: dict, source: str):

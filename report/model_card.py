@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from engine.cli import HelpFormatter
-from models.io import CONFIG_NAME, ENCODER_NAME, SCANNER_NAME
+from engine.device import cpu_name
+from models.io import CALIBRATION_NAME, CONFIG_NAME, ENCODER_NAME, SCANNER_NAME
 
-CALIBRATION_NAME = "calibration.json"  # scan.py's name for evaluate.py --write_calibration's file
 CARD_NAME = "README.md"
 
 
@@ -38,14 +38,9 @@ def _read_json(path: Path) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu}, {cores} cores available, no GPU; Python {platform.python_version()}, torch {torch.__version__}, "
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu_name()}, {cores} cores available, {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
             f"{platform.system()} {platform.machine()}")
 
 
