@@ -10,6 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .original import ORIGINAL_SIZE, StegaStampUNet
+
+#: Encoder architectures: 'unet' (ours, fully convolutional, any size) and 'stegastamp' (the original code's, with
+#: its image embedder and dense branch, 400×400 only).
+ENCODER_ARCHS = ("unet", "stegastamp")
+
 #: Channels of StegaStamp's encoder, down path (conv1..conv5); the up path mirrors it.
 STEGASTAMP_CHANNELS = (32, 32, 64, 128, 256)
 
@@ -18,10 +24,12 @@ STEGASTAMP_CHANNELS = (32, 32, 64, 128, 256)
 class StampEncoderConfig:
     """Architecture of the stamp encoder; saved beside its weights.
 
+    arch: 'unet' (a fully convolutional StegaStamp-shaped U-Net, any input size) or 'stegastamp' (the original
+        DeepRAFT encoder, models.original.StegaStampUNet, 400×400 inputs only; `width` does not apply).
     width: multiplier on STEGASTAMP_CHANNELS (1.0 = StegaStamp's 32-32-64-128-256).
-    max_residual: bound on |δ| per pixel and channel, in [0,1] pixel units (δ = max_residual·tanh(·)).
-        Unbounded residuals blow up while the scanner is still learning; the image losses then pull δ
-        far below this bound.
+    max_residual: bound on |δ| per pixel and channel, in [0,1] pixel units (δ = max_residual·tanh(·)); 0 leaves
+        the residual unbounded, as the original does. Unbounded residuals blow up while the scanner is still
+        learning on small crops; the image losses then pull δ far below this bound.
     padding_mode: 'replicate' (default) or 'zeros'. Zero padding tells every layer where the image border
         is, and the encoder learns to hide the stamp in a visible stripe along it, which any crop removes.
         Replicate padding keeps the network blind to position: a flat image gets a flat residual.
@@ -30,6 +38,13 @@ class StampEncoderConfig:
     width: float = 1.0
     max_residual: float = 0.05
     padding_mode: str = "replicate"
+    arch: str = "unet"
+
+    def __post_init__(self):
+        if self.arch not in ENCODER_ARCHS:
+            raise ValueError(f"unknown encoder arch {self.arch!r}; choose one of {list(ENCODER_ARCHS)}")
+        if not self.max_residual >= 0:
+            raise ValueError(f"max_residual must be >= 0 (0 = unbounded), got {self.max_residual}")
 
     def channels(self) -> tuple[int, ...]:
         return tuple(max(1, round(c * self.width)) for c in STEGASTAMP_CHANNELS)
@@ -43,15 +58,21 @@ def _conv(cin: int, cout: int, padding_mode: str, stride: int = 1) -> nn.Sequent
 
 
 class StampEncoder(nn.Module):
-    """U-Net: image x (B,3,H,W) in [0,1], any H and W ≥ 1 → residual δ (B,3,H,W), |δ| ≤ max_residual.
+    """U-Net: image x (B,3,H,W) in [0,1] → residual δ (B,3,H,W), |δ| ≤ max_residual (when max_residual > 0).
 
-    Down: 3→c1 (stride 1), c1→c2→c3→c4→c5 (stride 2 each). Up: nearest upsampling to the skip's exact
+    arch 'unet': any H and W ≥ 1. Down: 3→c1 (stride 1), c1→c2→c3→c4→c5 (stride 2 each). Up: nearest upsampling to the skip's exact
     size (so odd sizes work), conv, concatenation with the skip, conv. The last stage also sees the input.
+    arch 'stegastamp': the original encoder (models.original.StegaStampUNet) under `net`, 400×400 only.
     """
 
     def __init__(self, config: StampEncoderConfig | None = None):
         super().__init__()
         self.config = config = config or StampEncoderConfig()
+        #: the one input side the architecture accepts, or None for any
+        self.input_size = ORIGINAL_SIZE if config.arch == "stegastamp" else None
+        if config.arch == "stegastamp":
+            self.net = StegaStampUNet(config.padding_mode)
+            return
         c1, c2, c3, c4, c5 = config.channels()
         pm = config.padding_mode
         self.down = nn.ModuleList(
@@ -66,6 +87,8 @@ class StampEncoder(nn.Module):
         self.to_residual = nn.Conv2d(c1, 3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.arch == "stegastamp":
+            return self._bound(self.net(x))
         h = x - 0.5
         feats = []
         for conv in self.down:
@@ -76,8 +99,12 @@ class StampEncoder(nn.Module):
         for up_conv, merge_conv, skip in zip(self.up_convs, self.merge_convs, skips):
             h = up_conv(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
             h = merge_conv(torch.cat([skip, h], 1))
-        return self.config.max_residual * torch.tanh(self.to_residual(h))
+        return self._bound(self.to_residual(h))
+
+    def _bound(self, r: torch.Tensor) -> torch.Tensor:
+        m = self.config.max_residual
+        return m * torch.tanh(r) if m > 0 else r
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B,3,H,W) in [0,1] → stamped x' = clamp(x + δ, 0, 1)."""
+        """x (B,3,H,W) in [0,1] → stamped x' = clamp(x + δ, 0, 1): what an image file can hold."""
         return (x + self(x)).clamp(0, 1)

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
+from .original import ORIGINAL_SIZE, DeepRAFTDetector
+
 CLEAN, STAMPED = 0, 1
 
 # ImageNet statistics: the usual input normalisation for a torchvision ResNet.
@@ -25,7 +27,8 @@ RESNETS = {
 #: and it costs nothing (replicate padding made the same network ~3x slower on CPU). Measured at 400×400,
 #: batch 8, channels_last, 2 CPU cores: 299–447 images/s, about 4x 'narrow' in the same runs (README).
 FAST_LAYERS = ((16, 4, 4), (32, 3, 2), (32, 3, 1), (64, 3, 2), (64, 3, 1), (128, 3, 2), (128, 1, 1))
-ARCHS = (*RESNETS, "fast")
+#: 'deepraft' is the original code's small detector (models.original), 400×400 only.
+ARCHS = (*RESNETS, "fast", "deepraft")
 
 
 def valid_min_size(layers=None) -> int:
@@ -40,11 +43,12 @@ def valid_min_size(layers=None) -> int:
 class ScannerConfig:
     """Architecture of the scanner; saved beside its weights.
 
-    arch: 'resnet18' (the paper's), 'narrow' (same depth, 16-32-64-128 channels) or 'fast' (a 7-layer
-        unpadded conv net, FAST_LAYERS, the shipped CPU scanner).
-    padding_mode: of the ResNets, 'replicate' (default) or 'zeros' (torchvision's). Zero padding lets the scanner
-        find the image border, which rewards an encoder that hides the stamp there; see StampEncoderConfig.
-        'fast' has no padding, so this does not apply to it.
+    arch: 'resnet18' (the ResNet the paper describes), 'narrow' (same depth, 16-32-64-128 channels), 'fast' (a
+        7-layer unpadded conv net, FAST_LAYERS, the shipped CPU scanner) or 'deepraft' (the detector the original
+        code trains: 5 convs and 2 dense layers, no BatchNorm, 400×400 inputs only).
+    padding_mode: of the ResNets and 'deepraft', 'replicate' (default) or 'zeros' (torchvision's and the
+        original's). Zero padding lets the scanner find the image border, which rewards an encoder that hides the
+        stamp there; see StampEncoderConfig. 'fast' has no padding, so this does not apply to it.
     """
 
     arch: str = "resnet18"
@@ -58,7 +62,8 @@ class ScannerConfig:
 class Scanner(nn.Module):
     """ResNet built from torchvision's BasicBlock (arch 'resnet18' or 'narrow'), or the fast unpadded conv net.
     With arch='resnet18' its parameters are exactly torchvision.models.resnet18(num_classes=2)'s, under the
-    same names.
+    same names. With arch='deepraft', the original detector (models.original.DeepRAFTDetector) under `net`, on
+    400×400 inputs only (`input_size`).
 
     x (B,3,H,W) in [0,1], any H, W ≥ 1 (global average pooling) → logits (B,2): 0 = clean, 1 = stamped.
     Returns logits, never probabilities, so that attack libraries can use it directly. The fast net needs
@@ -70,6 +75,12 @@ class Scanner(nn.Module):
         self.config = config = config or ScannerConfig()
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
+        #: the one input side the architecture accepts, or None for any
+        self.input_size = ORIGINAL_SIZE if config.arch == "deepraft" else None
+        if config.arch == "deepraft":
+            # its own He-normal (fan-in) initialisation and input shift (x − 0.5), as in the original
+            self.net = DeepRAFTDetector(config.padding_mode)
+            return
         if config.arch == "fast":
             self._build_fast()
         else:
@@ -109,6 +120,8 @@ class Scanner(nn.Module):
         self.fc = nn.Linear(inplanes, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.arch == "deepraft":
+            return self.net(x)
         x = (x - self.mean) / self.std
         if self.config.arch == "fast":
             h, w = x.shape[-2:]
