@@ -183,7 +183,7 @@ def train_entry(script: str, size: int, batch: int, steps: int, scanner: str, de
                 encoder_width: float = 1.0):
     """A function that runs `steps` training steps of `script`, and the images it trains on per call."""
     module = importlib.import_module(script)
-    flags = ["--run_name", "bench", "--image_size", str(size), "--batch_size", str(batch), "--scanner", scanner,
+    flags = ["--run_name", "bench", "--recipe", "robust", "--image_size", str(size), "--batch_size", str(batch), "--scanner", scanner,
              "--encoder_width", str(encoder_width), "--lps_w", "0", "--device", str(device),
              "--channels_last" if channels_last else "--no-channels_last"]
     if script == "train_rs_aug":

@@ -7,6 +7,12 @@ calibrated detection (ROC-AUC, thresholds for a stated false-block rate).
 
 Everything goes to results/<run>/eval/ (eval/quick/ with --quick): results.json (all numbers, settings,
 seed, commit), tables.md, CSVs, plots, and TensorBoard events (eval/tb).
+
+A network that takes one input size only (the original code's, arch 'stegastamp' or 'deepraft': 400×400) is
+evaluated on each photo fitted to that size (centre square, resized, like the original's ImageOps.fit) instead
+of tiles of --size. A model folder that holds a scanner only (e.g. `python -m models.convert_original`) has no
+encoder to stamp with: only its clean photos are judged (accuracy and false-positive rate, per photo, under
+each condition of Table 1); everything about stamped photos is left out, and results say so.
 """
 from __future__ import annotations
 
@@ -44,6 +50,11 @@ from smoothing.certify import RADII, certified_accuracy, certify_labelled, resol
 QUICK = dict(max_images=8, predict_n=32, certify_n=200, n0=20, certify_images=4, attack_images=8)
 #: the paper's settings (n = 100,000 for certification); PREDICT uses 1,000 samples per photo and condition
 FULL = dict(max_images=None, predict_n=1000, certify_n=100_000, n0=100, certify_images=100, attack_images=100)
+#: what results and the summary say about a scanner-only model folder
+SCANNER_ONLY_NOTE = ("this model folder holds a scanner only (converted from the original code): with no encoder "
+                     "there are no stamped photos, so only the clean photos were judged (accuracy and false-positive "
+                     "rate, per photo, under each condition); the stamped rows (stamped and overall accuracy, ROC-AUC), "
+                     "imperceptibility, attacks, calibration and certification need an encoder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +154,11 @@ class Evaluation:
         if (self.out / "results.json").exists() and not args.overwrite:
             raise ValueError(f"--out {self.out}: holds results.json from an earlier evaluation; pass --overwrite "
                              f"to replace it or --out to write elsewhere")
+        config = _model_config(self.model_dir)
+        self.scanner_only = config is not None and "encoder" not in config
+        if self.scanner_only and args.write_calibration:
+            raise ValueError(f"--write_calibration: {self.model_dir} holds a scanner only (converted from the original "
+                             f"code), and a calibration needs stamped photos, which need an encoder")
         if args.write_calibration and (self.model_dir / CALIBRATION_NAME).exists() and not args.overwrite:
             raise ValueError(f"{self.model_dir / CALIBRATION_NAME}: exists; pass --overwrite to replace it")
         # a shipped model folder has no args.json: its config.json records the training --std as "sigma"
@@ -165,7 +181,12 @@ class Evaluation:
         self.device = pick_device(args.device)
         seed_everything(args.seed)
         self.encoder, self.scanner, self.config = load_pretrained(self.model_dir, device=self.device)
-        self.encoder.eval(), self.scanner.eval()
+        self.scanner_only = self.encoder is None
+        self.scanner.eval()
+        if self.scanner_only:
+            self.log(f"note: {SCANNER_ONLY_NOTE}")
+        # the original code's networks take 400×400 only: photos are fitted to that, not tiled
+        self.fit = self.scanner.input_size or (None if self.scanner_only else self.encoder.input_size)
         paths = resolve_image_paths(args.data_path, log=self.log)
         self.data_text = str(args.data_path or "the scikit-image sample photos")
         if self.run_args and not args.all_images and _same_data(args.data_path, self.run_args.get("train_path")):
@@ -176,7 +197,12 @@ class Evaluation:
                      f"(--all_images uses every photo)")
         with warnings.catch_warnings():  # reported below, one line per file, and in results.json
             warnings.simplefilter("ignore", UnreadableImageWarning)
-            if args.size:
+            if self.fit:
+                dataset = ImageFolderDataset(paths, self.fit, mode="center")
+                batch = args.batch_size
+                self.log(f"each photo fitted to {self.fit}×{self.fit} (centre square, resized, like the original code's "
+                         f"ImageOps.fit: the network takes {self.fit}×{self.fit} only; --size does not apply)")
+            elif args.size:
                 tiles = math.ceil(args.max_images / len(paths)) if args.max_images else None
                 dataset = ImageFolderDataset(paths, args.size, mode="grid", max_tiles_per_image=tiles)
                 batch = args.batch_size
@@ -193,11 +219,12 @@ class Evaluation:
                            batch_size=args.noise_batch, seed=args.seed)
         self.lpips_note = None
         notes = []
-        self.lpips = load_lpips(self.device, log=notes.append)
+        self.lpips = None if self.scanner_only else load_lpips(self.device, log=notes.append)
         if self.lpips is None:
-            self.lpips_note = "n/a: " + notes[0].split(": ", 1)[-1] if notes else "n/a"
+            self.lpips_note = ("n/a: needs an encoder" if self.scanner_only else
+                               "n/a: " + notes[0].split(": ", 1)[-1] if notes else "n/a")
         self.log(f"{self.model_dir}: {self.judge.describe()}; {count} "
-                 f"{'tiles' if args.size else 'photos'} from {self.photos} photos on {self.device}")
+                 f"{'tiles' if args.size and not self.fit else 'photos'} from {self.photos} photos on {self.device}")
 
     def detection(self):
         conditions = table1_conditions()
@@ -260,18 +287,22 @@ class Evaluation:
     def results(self, seconds: float) -> dict:
         args = self.args
         size_text = f"tiles of {args.size}×{args.size}" if args.size else "photos at native resolution"
+        if self.fit:
+            size_text = f"photos fitted to {self.fit}×{self.fit} (centre square, resized, like ImageOps.fit)"
         return {
             "settings": {
                 "model": str(self.model_dir), "run": str(self.run_dir) if self.run_dir else None,
-                "data": self.data_text, "photos": self.photos, "images": len(self.dataset), "size": args.size,
-                "size_text": size_text, "judge": self.judge.describe(), "sigma": self.sigma,
+                "data": self.data_text, "photos": self.photos, "images": len(self.dataset),
+                "size": self.fit or args.size, "fitted_to": self.fit, "size_text": size_text,
+                "scanner_only": self.scanner_only, "note": SCANNER_ONLY_NOTE if self.scanner_only else None, "judge": self.judge.describe(), "sigma": self.sigma,
                 "quick": args.quick, "seed": args.seed, "git_commit": git_commit(), "device": str(self.device),
                 "predict_n": args.predict_n, "alpha": args.alpha, "eps_255": [e * 255 for e in self.eps],
                 "seconds": round(seconds, 1), "argv": sys.argv[1:],
                 "unreadable": [{"path": str(path), "reason": reason} for path, reason in self.images.skipped],
             },
             "table1": self.table1, "table2": self.table2, "table3": getattr(self, "table3", None),
-            "calibration": self.calibration_, "certification": getattr(self, "certification_", None),
+            "calibration": getattr(self, "calibration_", None),
+            "certification": getattr(self, "certification_", None),
         }
 
     def run(self) -> dict:
@@ -279,7 +310,9 @@ class Evaluation:
         self.out.mkdir(parents=True, exist_ok=True)
         stages = [s for s in self.STAGES
                   if not (s == "adversarial attacks" and self.args.attack_images == 0)
-                  and not (s == "certification" and (not self.sigma or self.args.certify_images == 0))]
+                  and not (s == "certification" and (not self.sigma or self.args.certify_images == 0))
+                  # stamped photos need an encoder
+                  and not (self.scanner_only and s in ("calibration", "adversarial attacks", "certification"))]
         bar = tqdm(stages, desc="evaluate", unit="stage", file=sys.stderr, dynamic_ncols=True)
         for stage in bar:
             bar.set_postfix_str(stage)
@@ -313,7 +346,8 @@ class Evaluation:
             writer.add_text("eval/tables", markdown)
             for name, row in results["table1"].items():
                 for key in ("acc", "acc_clean", "acc_stamped", "auc"):
-                    writer.add_scalar(f"eval/table1/{name}/{key}", row[key])
+                    if row[key] is not None:  # None: a scanner-only model's stamped figures
+                        writer.add_scalar(f"eval/table1/{name}/{key}", row[key])
             for metric in ("psnr", "ssim", "lpips"):
                 if results["table2"][metric]["n"]:
                     writer.add_scalar(f"eval/table2/{metric}", results["table2"][metric]["mean"])
@@ -323,6 +357,8 @@ class Evaluation:
         return files
 
     def summary(self, results: dict, files: list[Path]):
+        if self.scanner_only:
+            return self.scanner_only_summary(results, files)
         t1, t2 = results["table1"], results["table2"]
         worst = min(t1, key=lambda k: t1[k]["acc"])
         lines = ["", f"== evaluated {self.model_dir} in {results['settings']['seconds']:.0f} s "
@@ -356,12 +392,31 @@ class Evaluation:
 
 
 
+    def scanner_only_summary(self, results: dict, files: list[Path]):
+        t1 = results["table1"]
+        worst = max(t1, key=lambda k: t1[k]["fpr"])
+        lines = ["", f"== evaluated {self.model_dir} in {results['settings']['seconds']:.0f} s "
+                     f"({results['settings']['images']} clean photos, {self.judge.describe()})",
+                 f"   SCANNER ONLY: {SCANNER_ONLY_NOTE}",
+                 f"   no corruption: clean photos read as clean {100 * t1['none']['acc_clean']:.1f}%, false positives "
+                 f"{100 * t1['none']['fpr']:.1f}%",
+                 f"   most false positives: {worst} ({100 * t1[worst]['fpr']:.1f}%)",
+                 f"   wrote {len(files)} files to {self.out}/ (tables.md, results.json, CSVs, tb/)"]
+        self.log("\n".join(lines))
+
+
+def _model_config(model_dir: Path) -> dict | None:
+    """The model's config.json as a dict (None when absent or unreadable: load_pretrained then says why)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def _model_sigma(model_dir: Path):
     """The "sigma" a training run recorded in the model's config.json (None when absent or unreadable)."""
-    try:
-        return json.loads((model_dir / "config.json").read_text()).get("sigma")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return (_model_config(model_dir) or {}).get("sigma")
 
 
 def write_calibration(results: dict, results_path: Path, path: Path, target_fpr: float = 0.01) -> Path:

@@ -6,7 +6,10 @@
 
 Each INPUT is an image file or a folder (searched recursively; hidden files are skipped). Every photo is read
 upright (EXIF orientation applied), brought to the working resolution that stamp.py stamps at (long side
---working_size, antialiased; smaller images as they are) and judged there, one image at a time.
+--working_size, antialiased; smaller images as they are) and judged there, one image at a time. A scanner
+that takes one input size only (the original code's detector, `python -m models.convert_original`: 400×400)
+sees each photo fitted to that size instead, as the original code fits it (ImageOps.fit: centre square,
+resized). A model folder that holds a scanner only (no encoder) scans like any other.
 
 The judge. A plain scanner's score is the logit difference logit(stamped) − logit(clean). A scanner trained
 with --std (its config.json records "sigma"; --sigma overrides, --plain ignores it) is judged smoothed, as
@@ -47,8 +50,8 @@ from models import STAMPED
 from models.io import CALIBRATION_NAME
 from report.judge import Judge
 from smoothing import ABSTAIN, Smooth
-from stamp import (DEFAULT_WORKING_SIZE, expand_inputs, load_model, pixels_to_tensor, read_pixels, report_failures,
-                   to_working)
+from stamp import (DEFAULT_WORKING_SIZE, expand_inputs, fit_pixels, fit_text, load_model, pixels_to_tensor,
+                   read_pixels, report_failures, to_working)
 
 #: evaluate.py's names for the two kinds of score (report "calibration" → "score"); a calibration is used only
 #: for the kind of score it was made on.
@@ -122,7 +125,9 @@ class PhotoScanner:
     def __init__(self, args, log=print):
         self.args = args
         self.device = pick_device(args.device)
+        # the encoder is not needed (None for a scanner-only folder, e.g. a converted original detector)
         self.model_dir, run_dir, run_args, _, scanner, config = load_model(args.model, self.device)
+        self.fit = scanner.input_size  # the original's detector (arch 'deepraft') takes 400×400 only
         if args.plain:
             self.sigma = None
         elif args.sigma is not None:
@@ -141,15 +146,22 @@ class PhotoScanner:
 
     def describe(self) -> str:
         t = self.threshold
-        size = f"long side {self.args.working_size} px" if self.args.working_size else "native resolution"
+        if self.fit:
+            size = fit_text(self.fit)
+        else:
+            size = "working resolution " + (f"long side {self.args.working_size} px" if self.args.working_size
+                                            else "native resolution")
         extra = f"; CERTIFY with n0 {self.args.n0}, n {self.args.n}" if self.args.certify else ""
         return (f"{self.model_dir}: {self.judge.describe()}{extra}; STAMPED when score > {t.value:.4g} ({t.text}); "
-                f"working resolution {size}")
+                f"{size}")
 
     def __call__(self, path: Path) -> dict:
         args = self.args
         pixels = read_pixels(path)  # ImageReadError (a ValueError) for a bad file
-        x = to_working(pixels_to_tensor(pixels, self.device), args.working_size)
+        if self.fit:
+            x = pixels_to_tensor(fit_pixels(pixels, self.fit), self.device)
+        else:
+            x = to_working(pixels_to_tensor(pixels, self.device), args.working_size)
         verdicts, scores = self.judge(x.contiguous(memory_format=torch.channels_last))
         score, t = float(scores[0]), self.threshold.value
         if self.sigma is None:

@@ -12,7 +12,10 @@ images are written as 8-bit RGB.
 Any size works. The stamp encoder runs on the photo brought to a working resolution (long side
 --working_size, antialiased); its residual is upsampled to the photo's resolution and added there, so a
 12-megapixel photo costs one 512-pixel encoder pass. scan.py looks at received photos at the same working
-resolution, so the scanner sees the stamp at the scale the encoder made it, whatever the photo's size.
+resolution, so the scanner sees the stamp at the scale the encoder made it, whatever the photo's size. An
+encoder that takes one input size only (the original code's, arch 'stegastamp': 400×400) stamps each photo
+fitted to that size, as the original code fits it (ImageOps.fit: centre square, resized), and the stamped
+copy is written at that size. A model folder that holds a scanner only cannot stamp.
 
 An input is never written over, not even with --overwrite, and --out may not be an input folder or lie inside
 one; an existing output is replaced only with --overwrite. Outputs are written to a temporary file and
@@ -34,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from datasets.images import NoImagesError, find_images, load_rgb
@@ -75,6 +78,19 @@ def to_working(x: torch.Tensor, working_size: int) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
+def fit_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
+    """(H,W,3) uint8 → (size,size,3) uint8: the central square, resized (bicubic), exactly as the original code
+    prepares a photo (`ImageOps.fit(image, (size, size))`). For networks with a fixed input size (`input_size`:
+    the original's encoder and detector take 400×400 only), used instead of the working resolution."""
+    return np.array(ImageOps.fit(Image.fromarray(pixels), (size, size)))
+
+
+def fit_text(size: int) -> str:
+    """How stamp.py and scan.py say, once, that photos are fitted."""
+    return (f"each photo fitted to {size}×{size} (centre square, resized, like the original code's ImageOps.fit: "
+            f"the network takes {size}×{size} only; --working_size does not apply)")
+
+
 def pixels_to_tensor(pixels: np.ndarray, device) -> torch.Tensor:
     """(H,W,3) uint8 → (1,3,H,W) float32 in [0,1] on `device` (channels_last memory, no transpose copy)."""
     return torch.from_numpy(pixels).to(device).permute(2, 0, 1)[None].float().div_(255)
@@ -91,9 +107,10 @@ def load_model(path, device):
 
     Raises FileNotFoundError/ValueError with one line naming the folder or file."""
     model_dir, run_dir, run_args = resolve_model(path)
-    encoder, scanner, config = load_pretrained(model_dir, device=device)
+    encoder, scanner, config = load_pretrained(model_dir, device=device)  # encoder None: a scanner-only folder
     if device.type in ("cpu", "cuda"):  # oneDNN's and cuDNN's fast layout for convolutions
-        encoder = encoder.to(memory_format=torch.channels_last)
+        if encoder is not None:
+            encoder = encoder.to(memory_format=torch.channels_last)
         scanner = scanner.to(memory_format=torch.channels_last)
     return model_dir, run_dir, run_args, encoder, scanner, config
 
@@ -279,13 +296,19 @@ def run(args) -> dict:
     check_out_folder(args.inputs, args.out)
     device = pick_device(args.device)
     model_dir, _, _, encoder, _, _ = load_model(args.model, device)
+    if encoder is None:
+        raise ValueError(f"{model_dir} holds a scanner only (converted from the original code): it cannot stamp")
+    fit = encoder.input_size  # the original's encoder (arch 'stegastamp') takes 400×400 only
     ext = ".png" if args.quality is None else ".jpg"
     items = expand_inputs(args.inputs)
     plan = plan_outputs(items, args.out, ext, args.overwrite)
 
     fmt = "PNG" if args.quality is None else f"JPEG quality {args.quality}"
-    size_text = f"long side {args.working_size} px" if args.working_size else "native resolution"
-    print(f"stamping {len(plan)} image(s) with {model_dir} on {device}: working resolution {size_text}, "
+    size_text = "working resolution " + (f"long side {args.working_size} px" if args.working_size else
+                                         "native resolution")
+    if fit:
+        size_text = fit_text(fit) + ", written at that size"
+    print(f"stamping {len(plan)} image(s) with {model_dir} on {device}: {size_text}, "
           f"writing {fmt} to {args.out}/", file=sys.stderr, flush=True)
 
     done, failed, psnrs, seconds = 0, [], [], 0.0
@@ -306,7 +329,10 @@ def run(args) -> dict:
             reasons.append((item.path, getattr(e, "reason", None) or str(e)))
             tqdm.write(f"stamp.py: {e} (skipped)", file=sys.stderr)
             continue
-        stamped, work = stamp_pixels(encoder, pixels, args.working_size)
+        photo_h, photo_w = pixels.shape[:2]
+        if fit:
+            pixels = fit_pixels(pixels, fit)
+        stamped, work = stamp_pixels(encoder, pixels, 0 if fit else args.working_size)
         quality = psnr(stamped, pixels)
         target = plan[i]
         try:
@@ -321,17 +347,20 @@ def run(args) -> dict:
         psnrs.append(quality)
         h, w = pixels.shape[:2]
         where = "natively" if work == (h, w) else f"at {work[1]}×{work[0]}"
+        if fit:
+            where += f" on the photo fitted from {photo_w}×{photo_h}"
         tqdm.write(f"{item.path} -> {target}: {w}×{h}, stamp made {where}, PSNR {quality:.2f} dB, {elapsed:.2f} s",
                    file=sys.stdout)
     bar.close()
     finite = [p for p in psnrs if math.isfinite(p)]
     summary = {"stamped": done, "failed": [str(p) for p in failed], "out": str(args.out),
                "mean_psnr": sum(finite) / len(finite) if finite else None,
-               "seconds_per_image": seconds / done if done else None, "working_size": args.working_size}
+               "seconds_per_image": seconds / done if done else None, "working_size": args.working_size,
+               "fitted_to": fit}
     mean = f"mean PSNR {summary['mean_psnr']:.2f} dB" if finite else "mean PSNR n/a"
     per = f"{summary['seconds_per_image']:.2f} s/image" if done else "no image stamped"
     print(f"stamped {done} of {len(items)} image(s) into {args.out}/ ({len(failed)} failed): {mean}, {per} "
-          f"(read, stamp, write), working resolution {size_text}", flush=True)
+          f"(read, stamp, write), {size_text}", flush=True)
     report_failures("not stamped", reasons)
     return summary
 

@@ -13,7 +13,7 @@ class StochasticChain(nn.Module):
     afresh for every batch, every applied one at the sample's strength (its parameters drawn per sample).
 
     `forward(x, strength=None)` takes the strength like a single corruption does (None = 1, a number or a (B,)
-    tensor in [0,1]); training passes the schedule's value (`engine.training.linear_ramp`). Batched throughout: a sample
+    tensor in [0,1]); training passes the schedule's value (`engine.training.ramp`). Batched throughout: a sample
     that skips a corruption gets strength 0, which every corruption returns unchanged.
     """
 

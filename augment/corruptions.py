@@ -44,6 +44,9 @@ class Corruption(nn.Module):
 
     #: the registry name (augment.registry.CORRUPTIONS)
     name: str = ""
+    #: Draw one set of random parameters per call, shared by the whole batch, as the original code's torchvision
+    #: transforms do (augment.original); False (the default) draws them per sample.
+    per_batch: bool = False
 
     def forward(self, x: torch.Tensor, strength: float | torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
@@ -71,15 +74,20 @@ class Corruption(nn.Module):
             raise ValueError(f"strength must lie in [0, 1], got {s.tolist()}")
         return s
 
-    @staticmethod
-    def _uniform(rng: Range, like: torch.Tensor) -> torch.Tensor:
+    def _rand(self, like: torch.Tensor) -> torch.Tensor:
+        """U(0, 1) draws shaped like `like` ((B,) or (B, ...)), in its dtype and device: one per element, or with
+        `per_batch` one per element of the first sample, repeated over the batch."""
+        if not self.per_batch:
+            return torch.rand(like.shape, dtype=like.dtype, device=like.device)
+        return torch.rand((1, *like.shape[1:]), dtype=like.dtype, device=like.device).expand(like.shape)
+
+    def _uniform(self, rng: Range, like: torch.Tensor) -> torch.Tensor:
         """(B,) draws from U(lo, hi), in the dtype and device of `like` (B,)."""
         lo, hi = rng
-        return lo + (hi - lo) * torch.rand(like.shape, dtype=like.dtype, device=like.device)
+        return lo + (hi - lo) * self._rand(like)
 
-    @staticmethod
-    def _sign(like: torch.Tensor) -> torch.Tensor:
-        return torch.randint(0, 2, like.shape, device=like.device).to(like.dtype) * 2 - 1
+    def _sign(self, like: torch.Tensor) -> torch.Tensor:
+        return (self._rand(like) < 0.5).to(like.dtype) * 2 - 1
 
 
 class Rotation(Corruption):
@@ -116,8 +124,8 @@ class ResizedCrop(Corruption):
         log_ratio = s * self._uniform((math.log(self.ratio[0]), math.log(self.ratio[1])), s)
         cw = (torch.sqrt(area * log_ratio.exp()) * w).clamp(1, w)
         ch = (torch.sqrt(area / log_ratio.exp()) * h).clamp(1, h)
-        x0 = torch.rand_like(s) * (w - cw)
-        y0 = torch.rand_like(s) * (h - ch)
+        x0 = self._rand(s) * (w - cw)
+        y0 = self._rand(s) * (h - ch)
         x1, y1 = x0 + cw - 1, y0 + ch - 1
         boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
                              torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], 1)
@@ -170,40 +178,52 @@ class ColorJitter(Corruption):
                 f"hue={self.hue}")
 
 
-def _odd_sizes(kernel_size: Range, s: torch.Tensor) -> torch.Tensor:
-    """(B,) odd kernel sizes drawn uniformly from the odd numbers in kernel_size."""
+def _odd_sizes(kernel_size: Range, uniform01: torch.Tensor) -> torch.Tensor:
+    """(B,) odd kernel sizes drawn uniformly from the odd numbers in kernel_size, given (B,) U(0,1) draws."""
     lo, hi = int(kernel_size[0]) // 2, int(kernel_size[1]) // 2
-    return 2 * torch.randint(lo, hi + 1, s.shape, device=s.device) + 1
+    return 2 * (lo + (uniform01 * (hi - lo + 1)).long().clamp(max=hi - lo)) + 1
 
 
-def _window(kernels: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """Zero each (B,k,k) kernel outside its centred sizes[i]×sizes[i] window and renormalise to sum 1."""
+def _window(kernels: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+    """Zero each (B,k,k) kernel outside its centred heights[i]×widths[i] window and renormalise to sum 1."""
     k = kernels.shape[-1]
     offset = (torch.arange(k, device=kernels.device) - k // 2).abs()
-    inside = (offset[None, :] <= sizes[:, None] // 2)
-    kernels = kernels * (inside[:, :, None] & inside[:, None, :])
+    rows = offset[None, :] <= heights[:, None] // 2
+    cols = offset[None, :] <= widths[:, None] // 2
+    kernels = kernels * (rows[:, :, None] & cols[:, None, :])
     return kernels / kernels.sum((1, 2), keepdim=True)
 
 
 class GaussianBlur(Corruption):
-    """Gaussian blur with a per-sample odd kernel size in `kernel_size` and σ = U(sigma)."""
+    """Gaussian blur with σ = U(sigma) and a square kernel whose odd side is drawn per sample from `kernel_size`,
+    or, with `kernel_hw`, a fixed kernel of that (height, width): torchvision's GaussianBlur(kernel_size=(w, h)),
+    which the original code uses with (3, 7), i.e. 7 tall and 3 wide."""
 
     name = "gaussian_blur"
 
-    def __init__(self, kernel_size: Range = (3, 7), sigma: Range = (1.0, 3.0)):
+    def __init__(self, kernel_size: Range = (3, 7), sigma: Range = (1.0, 3.0), kernel_hw: tuple[int, int] | None = None):
         super().__init__()
         self.kernel_size = tuple(int(k) for k in _as_range("kernel_size", kernel_size, 1, 63))
         self.sigma = _as_range("sigma", sigma, 0, 50)
+        if kernel_hw is not None and not all(int(k) == k and k % 2 == 1 and 1 <= k <= 63 for k in kernel_hw):
+            raise ValueError(f"kernel_hw must be two odd sizes in [1, 63], got {kernel_hw}")
+        self.kernel_hw = None if kernel_hw is None else (int(kernel_hw[0]), int(kernel_hw[1]))
 
     def corrupt(self, x, s):
-        kmax = 2 * (self.kernel_size[1] // 2) + 1
         sigma = (s * self._uniform(self.sigma, s)).clamp_min(1e-3)
+        if self.kernel_hw is None:
+            heights = widths = _odd_sizes(self.kernel_size, self._rand(s))
+            kmax = 2 * (self.kernel_size[1] // 2) + 1
+        else:
+            heights, widths = (torch.full(s.shape, k, device=s.device) for k in self.kernel_hw)
+            kmax = max(self.kernel_hw)
         kernels = kornia.filters.get_gaussian_kernel2d(kmax, sigma[:, None].expand(-1, 2))
-        kernels = _window(kernels.to(x.dtype), _odd_sizes(self.kernel_size, s))
+        kernels = _window(kernels.to(x.dtype), heights, widths)
         return kornia.filters.filter2d(x, kernels, border_type="reflect")
 
     def extra_repr(self):
-        return f"kernel_size={self.kernel_size}, sigma={self.sigma}"
+        shape = f"kernel_hw={self.kernel_hw}" if self.kernel_hw else f"kernel_size={self.kernel_size}"
+        return f"{shape}, sigma={self.sigma}"
 
 
 class DefocusBlur(Corruption):
@@ -251,7 +271,7 @@ class Perspective(Corruption):
         corners = x.new_tensor([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]).expand(x.shape[0], 4, 2)
         inwards = x.new_tensor([[1, 1], [-1, 1], [-1, -1], [1, -1]])
         d = (s * self._uniform(self.distortion, s)).view(-1, 1, 1)
-        moved = corners + inwards * d * x.new_tensor([w / 2, h / 2]) * torch.rand_like(corners)
+        moved = corners + inwards * d * x.new_tensor([w / 2, h / 2]) * self._rand(corners)
         matrix = kornia.geometry.transform.get_perspective_transform(corners, moved)
         return kornia.geometry.transform.warp_perspective(x, matrix, (h, w), padding_mode=self.padding_mode)
 

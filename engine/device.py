@@ -66,8 +66,9 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def autocast(device: torch.device):
-    dtype = amp_dtype(device)
+def autocast(device: torch.device, enabled: bool = True):
+    """Autocast to amp_dtype(device) on CUDA; nothing elsewhere, or when not `enabled` (--amp off)."""
+    dtype = amp_dtype(device) if enabled else None
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=dtype)

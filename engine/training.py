@@ -42,9 +42,11 @@ from .rundir import RunDir
 ViewFn = Callable[[torch.Tensor, int], list[View]]
 
 
-def plain_view(pair: torch.Tensor, step: int) -> list[View]:
-    """The baseline: the scanner sees [x, x'] as they are."""
-    return [View("plain", pair)]
+def plain_view(weight: float = 1.0) -> ViewFn:
+    """The baseline: the scanner sees [x, x'] as they are, with `weight` in L_A (the original's rs_w)."""
+    def view(pair: torch.Tensor, step: int) -> list[View]:
+        return [View("plain", pair, weight)]
+    return view
 
 
 def combine_views(*view_fns: ViewFn) -> ViewFn:
@@ -54,41 +56,45 @@ def combine_views(*view_fns: ViewFn) -> ViewFn:
     return views
 
 
-def linear_ramp(step: int, start: int, end: int) -> float:
-    """0 before `start`, 1 from `end` on, linear in between (a step at `end` when start == end)."""
-    if step >= end:
-        return 1.0
-    if step < start:
-        return 0.0
-    return (step - start) / (end - start)
+def ramp(step: int, start: int, end: int, slope: float = 1.0) -> float:
+    """The original's weight ramp, clip(slope·(step − start)/(end − start), 0, 1): 0 up to `start`, 1 from
+    `end` on with slope 1 (from start + (end − start)/slope in general); a step at `start` when start == end."""
+    if end <= start:
+        return 1.0 if step >= start else 0.0
+    return min(max(slope * (step - start) / (end - start), 0.0), 1.0)
 
 
-def image_loss_ramp(step: int, warmup_steps: int, ramp_steps: int) -> float:
-    """Weight factor of the image losses: 0 for warmup_steps, then linear to 1 over ramp_steps."""
-    return linear_ramp(step, warmup_steps, warmup_steps + ramp_steps)
+def image_loss_ramp(step: int, warmup_steps: int, ramp_steps: int, slope: float = 1.0) -> float:
+    """Weight factor of the image losses: 0 for warmup_steps, then linear to 1 over ramp_steps (slope times
+    faster: the original's img_w·step)."""
+    return ramp(step, warmup_steps, warmup_steps + ramp_steps, slope)
 
 
 class _Pair(nn.Module):
     """Encoder and scanner behind one forward, so that DDP wraps a single module called once per step.
 
     forward(x (B,3,H,W) in [0,1], step) → (residual (B,3,H,W) fp32, stamped (B,3,H,W) fp32, [(View, logits
-    (2B,C) fp32)]): the encoder and the scanner run under autocast on CUDA; the residual is cast to fp32 before
-    stamping, as it is far below bf16's resolution near 1.0.
+    (2B,C) fp32)]): the encoder and the scanner run under autocast on CUDA when `amp`; the residual is cast to
+    fp32 before stamping, as it is far below bf16's resolution near 1.0. The stamped image is x + δ, clamped to
+    [0,1] when `clamp_stamp` (what an image file can hold), unclamped otherwise (the original).
     """
 
-    def __init__(self, encoder: StampEncoder, scanner: Scanner, views: ViewFn, device: torch.device):
+    def __init__(self, encoder: StampEncoder, scanner: Scanner, views: ViewFn, device: torch.device,
+                 clamp_stamp: bool = True, amp: bool = True):
         super().__init__()
         self.encoder, self.scanner = encoder, scanner
-        self.views, self.device = views, device
+        self.views, self.device, self.clamp_stamp, self.amp = views, device, clamp_stamp, amp
 
     def forward(self, x: torch.Tensor, step: int):
-        with autocast(self.device):
+        with autocast(self.device, self.amp):
             residual = self.encoder(x)
         residual = residual.float()
-        stamped = (x + residual).clamp(0, 1)
+        stamped = x + residual
+        if self.clamp_stamp:
+            stamped = stamped.clamp(0, 1)
         outputs = []
         for view in self.views(torch.cat([x, stamped]), step):
-            with autocast(self.device):
+            with autocast(self.device, self.amp):
                 outputs.append((view, self.scanner(view.images).float()))
         return residual, stamped, outputs
 
@@ -102,6 +108,8 @@ class Trainer:
         device: where to train (engine.device.pick_device or engine.distributed.setup).
         dist: this process's place under torchrun (engine.distributed.Dist); the default is a single process.
         checkpoint: a loaded checkpoint (engine.checkpoint.load_checkpoint) to resume from, or None.
+        steps_per_epoch: steps in one pass over the training split; with --lr_decay_unit epoch the learning
+            rate decays once every this many steps.
 
     Under torchrun the encoder and the scanner sit in one `_Pair` wrapped in one DistributedDataParallel
     (`self.model`); `self.encoder` and `self.scanner` stay the bare modules that evaluation and export use.
@@ -110,8 +118,9 @@ class Trainer:
     """
 
     def __init__(self, args, views: ViewFn, device: torch.device, dist: Dist = Dist(), checkpoint: dict | None = None,
-                 log=print):
+                 log=print, steps_per_epoch: int = 1):
         self.args, self.views, self.device, self.dist, self.log = args, views, device, dist, log
+        self.amp = args.amp == "on"
         self.channels_last = use_channels_last(args, device)
         init = None
         if checkpoint:
@@ -121,20 +130,31 @@ class Trainer:
             init = load_pretrained(pretrained_dir(args.init_from))
             enc_cfg, scan_cfg = init[0].config, init[1].config
             log(f"fine-tuning from {args.init_from}: its architecture (encoder {enc_cfg}, scanner {scan_cfg}) and "
-                f"weights; --encoder_width, --max_residual and --scanner are not used")
+                f"weights; --encoder, --encoder_width, --max_residual, --padding_mode and --scanner are not used")
         else:
-            enc_cfg = StampEncoderConfig(width=args.encoder_width, max_residual=args.max_residual)
-            scan_cfg = ScannerConfig(arch=args.scanner)
+            enc_cfg = StampEncoderConfig(width=args.encoder_width, max_residual=args.max_residual,
+                                         padding_mode=args.padding_mode, arch=args.encoder)
+            scan_cfg = ScannerConfig(arch=args.scanner, padding_mode=args.padding_mode)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.encoder = StampEncoder(enc_cfg).to(self.device, memory_format=memory_format)
         self.scanner = Scanner(scan_cfg).to(self.device, memory_format=memory_format)
-        params = list(self.encoder.parameters()) + list(self.scanner.parameters())
-        self.optimizer = torch.optim.Adam(params, lr=args.lr, fused=device.type == "cuda")
+        for name, module in (("encoder", self.encoder), ("scanner", self.scanner)):
+            if module.input_size is not None and {args.image_size, args.eval_size or args.image_size} != {module.input_size}:
+                raise ValueError(f"--{name} {module.config.arch} takes {module.input_size}x{module.input_size} images "
+                                 f"only: use --image_size {module.input_size} (with --train_crop fit for whole "
+                                 f"photos), or a fully convolutional --{name}")
+        # One parameter group per network, as the original (the same learning rate: Adam's update is per parameter).
+        self.optimizer = torch.optim.Adam([{"params": self.encoder.parameters()}, {"params": self.scanner.parameters()}],
+                                          lr=args.lr, fused=device.type == "cuda")
         gamma = args.lr_decay ** (1.0 / args.lr_decay_steps)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=gamma)
+        #: the scheduler steps after every step, or after the last step of each epoch
+        self.lr_every = steps_per_epoch if args.lr_decay_unit == "epoch" else 1
         # fp16 needs loss scaling; bf16 and fp32 do not.
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(self.device) == torch.float16)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and amp_dtype(self.device) == torch.float16)
         self.lpips = load_lpips(self.device, log) if args.lps_w > 0 else None
+        self.yuv_weights = (args.y_scale, args.u_scale, args.v_scale)
+        self.ramp_slope = args.img_w if args.ramp_scaled_by_img_w else 1.0
         self.bn_freeze_step = (args.warmup_steps + args.ramp_steps if args.bn_freeze_step is None
                                else args.bn_freeze_step)
         if checkpoint:
@@ -149,7 +169,7 @@ class Trainer:
             # In place (state_dict keys unchanged); evaluation at other sizes recompiles once, with dynamic shapes.
             self.encoder.compile()
             self.scanner.compile()
-        self.model = _Pair(self.encoder, self.scanner, views, device)
+        self.model = _Pair(self.encoder, self.scanner, views, device, args.clamp_stamp, self.amp)
         if dist.enabled:
             # Per-rank BatchNorm, not SyncBatchNorm (see README, "Scaling out and speed"); rank 0's buffers (the
             # running statistics) are copied to the others before each forward. Every parameter takes part in
@@ -218,22 +238,23 @@ class Trainer:
         residual, stamped, outputs = self.model(x, step)
         labels = pair_labels(x.shape[0], self.device)
         terms = {}
-        loss_a = 0.0
+        loss_a = 0.0  # Σ over views of weight · CE: the original's rs_w·CE (+ w_aug·CE_aug in train_rs_aug.py)
         for view, logits in outputs:
             ce = F.cross_entropy(logits, labels)
             loss_a = loss_a + view.weight * ce
             terms[f"L_A/{view.name}"] = ce.detach()
             terms[f"acc/{view.name}"] = (logits.detach().argmax(1) == labels).float().mean()
-        loss_rr = residual_regularisation(stamped, x, residual, args.l1_w)
+        loss_rr = residual_regularisation(stamped, x, residual, args.l1_w, self.yuv_weights)
         loss_ps = perceptual_loss(self.lpips, stamped, x) if self.lpips is not None else torch.zeros((), device=self.device)
-        ramp = image_loss_ramp(step, args.warmup_steps, args.ramp_steps)
-        loss = ramp * (args.img_w * loss_rr + args.lps_w * loss_ps) + args.acc_w * loss_a
+        weight = image_loss_ramp(step, args.warmup_steps, args.ramp_steps, self.ramp_slope)
+        loss = weight * (args.img_w * loss_rr + args.lps_w * loss_ps) + loss_a
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if (step + 1) % self.lr_every == 0:
+            self.scheduler.step()
 
         mse = (stamped.detach() - x).pow(2).mean()
         terms.update({"loss/total": loss.detach(), "loss/L_rr": loss_rr.detach(), "loss/L_ps": loss_ps.detach(),
@@ -262,7 +283,7 @@ class _Run:
         seed_everything(args.seed + dist.rank)
 
         self._build_data()
-        self.trainer = Trainer(args, views, device, dist, checkpoint, log)
+        self.trainer = Trainer(args, views, device, dist, checkpoint, log, steps_per_epoch=self.steps_per_epoch)
         self.encoder, self.scanner, self.lpips = self.trainer.encoder, self.trainer.scanner, self.trainer.lpips
         if checkpoint:
             self._resume(checkpoint)
@@ -280,11 +301,22 @@ class _Run:
     def _build_data(self):
         args, d = self.args, self.dist
         self.eval_size = args.eval_size or args.image_size
-        paths = resolve_image_paths(args.train_path, log=self.log)
+        paths = resolve_image_paths(_train_path(args.train_path), log=self.log)
         self.split = split_files(paths, seed=args.split_seed)
         self.log(f"data: {len(self.split.train)} train, {len(self.split.val)} val, {len(self.split.test)} test images")
-        train_set = ImageFolderDataset(self.split.train, args.image_size, mode="random",
+        if args.max_crop_scale != 1.0 and args.train_crop != "random":
+            raise ValueError(f"--max_crop_scale {args.max_crop_scale} needs --train_crop random (not {args.train_crop})")
+        # 'fit' is ImageFolderDataset's 'center' mode: centre crop to a square, then resize (ImageOps.fit).
+        train_set = ImageFolderDataset(self.split.train, args.image_size,
+                                       mode="random" if args.train_crop == "random" else "center",
                                        max_crop_scale=args.max_crop_scale)
+        # An epoch is one pass over the training split (the last partial batch dropped), as in the original.
+        self.steps_per_epoch = max(1, len(self.split.train) // (args.batch_size * d.world_size))
+        self.stop_step = args.max_step
+        if args.max_epoch is not None and args.max_epoch * self.steps_per_epoch < args.max_step:
+            self.stop_step = args.max_epoch * self.steps_per_epoch
+            self.log(f"--max_epoch {args.max_epoch} stops this run at step {self.stop_step} "
+                     f"({self.steps_per_epoch} steps per epoch), before --max_step {args.max_step}")
         # At least 50 batches per pass, so tiny folders do not restart the loader every few steps.
         per_pass = max(len(train_set), 50 * args.batch_size * d.world_size)
         if d.enabled:
@@ -305,6 +337,10 @@ class _Run:
             self.test_loader = self._eval_loader(self.split.test, args.test_images)
 
     def _eval_loader(self, paths, max_images):
+        if self.args.train_crop == "fit":
+            # Each held-out photo fitted whole, as the run trains (and as the original tests).
+            dataset = ImageFolderDataset(paths, self.eval_size, mode="center")
+            return DataLoader(dataset, self.args.batch_size, shuffle=False)
         # Deterministic tiles at native resolution (an image smaller than a tile is centre-fitted), spread
         # over all the images: a few tiles from every held-out photo rather than many from the first.
         tiles = max(1, math.ceil(max_images / len(paths)))
@@ -392,7 +428,25 @@ def _quiet(*args, **kwargs):
     pass
 
 
-def train(args, views: ViewFn = plain_view, log=print) -> dict | None:
+def _train_path(path):
+    """--train_path → what datasets.resolve_image_paths takes: None for the bundled photos ('bundled', unless a
+    folder of that name exists); the original's default ./mirflickr/, when missing, is explained in one line."""
+    from pathlib import Path
+
+    from .recipes import MIRFLICKR_DIR
+
+    if path is None or (path == "bundled" and not Path(path).exists()):
+        return None
+    if path == MIRFLICKR_DIR and not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"{MIRFLICKR_DIR}: not found. The original recipe trains on MIRFlickr-25k in ./mirflickr/: download "
+            f"mirflickr25k.zip from https://press.liacs.nl/mirflickr/ and unzip it here, or pass --train_path to a "
+            f"folder prepared with `python -m datasets.prepare` (README, 'MIRFlickr-25k and MetFaces'); to try it on "
+            f"the photos scikit-image ships, pass --train_path bundled")
+    return path
+
+
+def train(args, views: ViewFn | None = None, log=print) -> dict | None:
     """Train (or resume) the run named by args.run_name up to args.max_step; return the summary dict.
 
     Under torchrun (RANK set) every process trains data-parallel and returns None, except rank 0, which alone
@@ -401,7 +455,7 @@ def train(args, views: ViewFn = plain_view, log=print) -> dict | None:
     d, device = distributed.setup(args.device)
     stop = StopRequest(d)  # first thing, so that a Ctrl-C or SIGTERM during set-up is honoured after the first step
     try:
-        return _train(args, views, d, device, log if d.is_main else _quiet, stop)
+        return _train(args, views or plain_view(), d, device, log if d.is_main else _quiet, stop)
     finally:
         stop.restore()
         distributed.teardown(d)
@@ -409,7 +463,9 @@ def train(args, views: ViewFn = plain_view, log=print) -> dict | None:
 
 def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRequest) -> dict | None:
     r = _Run(args, views, d, device, log)
-    log(f"device: {device}" + (f", AMP {amp_dtype(device)}" if amp_dtype(device) else "")
+    log(f"recipe: {args.recipe}" + (f" (overridden: {', '.join('--' + k for k in args.recipe_overrides)})"
+                                    if getattr(args, "recipe_overrides", None) else ""))
+    log(f"device: {device}" + (f", AMP {amp_dtype(device)}" if r.trainer.amp and amp_dtype(device) else "")
         + (f"; {d.world_size} processes (torchrun, {'nccl' if device.type == 'cuda' else 'gloo'})" if d.enabled else "")
         + f"; encoder {r.encoder.config}; scanner {r.scanner.config}"
         + ("; channels_last" if r.trainer.channels_last else "")
@@ -421,10 +477,10 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
     saved = step if r.run.last_checkpoint.exists() else None
     val = {}
     t0, images_seen = time.time(), 0
-    bar = tqdm(total=args.max_step, initial=step, desc=args.run_name, dynamic_ncols=True, file=sys.stderr,
-               disable=step >= args.max_step or not d.is_main)
+    bar = tqdm(total=r.stop_step, initial=step, desc=args.run_name, dynamic_ncols=True, file=sys.stderr,
+               disable=step >= r.stop_step or not d.is_main)
     try:
-        while step < args.max_step:
+        while step < r.stop_step:
             x = next(batches).to(device, non_blocking=True)
             terms = r.trainer.step(x, step)
             step += 1
@@ -434,7 +490,7 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
                 sums[k] = sums[k] + v  # stays on the device: no synchronisation until we log
             finite.append(torch.stack([torch.as_tensor(terms[k]).isfinite() for k in sorted(terms)]))
             n_sum += 1
-            if (step % args.log_every == 0 or step == args.max_step or step % args.save_every == 0
+            if (step % args.log_every == 0 or step == r.stop_step or step % args.save_every == 0
                     or (stop.requested and not d.enabled)):
                 # The one synchronisation point, and always one before a checkpoint is written: the means over
                 # the interval and over the ranks, whether the weights are still finite (a non-finite gradient
@@ -451,7 +507,8 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
                 for k, v in means.items():
                     r.writer.add_scalar(k, v, step)
                 r.writer.add_scalar("lr", r.trainer.scheduler.get_last_lr()[0], step)
-                r.writer.add_scalar("image_loss_ramp", image_loss_ramp(step, args.warmup_steps, args.ramp_steps), step)
+                r.writer.add_scalar("image_loss_ramp", image_loss_ramp(step, args.warmup_steps, args.ramp_steps,
+                                                                       r.trainer.ramp_slope), step)
                 bar.set_postfix({"loss": f"{means['loss/total']:.3g}", "psnr": f"{means['train/psnr']:.1f}",
                                  **{k[4:]: f"{v:.2f}" for k, v in means.items() if k.startswith("acc/")}})
                 if weights_bad or not all(math.isfinite(v) for v in means.values()):
@@ -468,13 +525,13 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
                     log(f"\ninterrupted at step {step}; saved {r.run.last_checkpoint} ({stop.name}). Run the same "
                         f"command to resume from step {step}.")
                     raise SystemExit(stop.exit_status)
-            if d.is_main and (step % args.val_every == 0 or step == args.max_step):
+            if d.is_main and (step % args.val_every == 0 or step == r.stop_step):
                 # Rank 0 alone; the others wait for it in the next step's gradient all-reduce.
                 val = r.validate(step)
                 by_view = "".join(f", {k[4:]} {v:.3f}" for k, v in val.items() if k.startswith("acc/"))
                 bar.write(f"step {step}: val acc {val['acc']:.3f} (clean {val['acc_clean']:.3f}, stamped "
                           f"{val['acc_stamped']:.3f}{by_view}), PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}")
-            if step % args.save_every == 0 or step == args.max_step:
+            if step % args.save_every == 0 or step == r.stop_step:
                 r.save(step)
                 saved = step
     except KeyboardInterrupt:
@@ -495,7 +552,9 @@ def _finish(r: _Run, step: int, train_seconds: float, images_seen: int, val: dic
     """Held-out evaluation, exported weights, a preview picture and the printed summary."""
     args, log, device = r.args, r.log, r.device
     test = evaluate(r.encoder, r.scanner, r.test_loader, device, max_images=args.test_images, views=r.views, step=step)
-    photos = ImageFolderDataset(r.split.test[:4], args.image_size, mode="full")
+    fixed = r.encoder.input_size or r.scanner.input_size
+    photos = (ImageFolderDataset(r.split.test[:4], fixed, mode="center") if fixed  # fitted, as the models need
+              else ImageFolderDataset(r.split.test[:4], args.image_size, mode="full"))
     full = evaluate(r.encoder, r.scanner, DataLoader(photos, batch_size=1), device)
     preview_path = r.run.eval / "preview.png"
     preview = save_preview(r.encoder, photos[0].to(device), preview_path)
@@ -518,9 +577,10 @@ def _finish(r: _Run, step: int, train_seconds: float, images_seen: int, val: dic
     where = f"{device}" + (f" (rank 0 of {r.dist.world_size} processes)" if r.dist.enabled else "")
     log("\n".join([
         "",
-        f"== {args.run_name}: step {step} of {args.max_step}; {speed} on {where}",
+        f"== {args.run_name} (recipe {args.recipe}): step {step} of {r.stop_step}; {speed} on {where}",
         _metrics_line(f"held-out crops ({test['n']} of {r.eval_size}x{r.eval_size})", test),
-        _metrics_line(f"held-out photos ({full['n']}, native resolution)", full),
+        _metrics_line(f"held-out photos ({full['n']}, {f'fit to {fixed}x{fixed}' if fixed else 'native resolution'})",
+                      full),
         f"   residual border/interior energy ratio: {test['border_ratio']:.2f} on crops, "
         f"{full['border_ratio']:.2f} on photos (about 1 = spread evenly; large = hidden in a border stripe)",
         f"   LPIPS: {'in the loss' if r.lpips is not None else 'unavailable (AlexNet weights missing), not used'}",

@@ -57,8 +57,11 @@ def pretrained_dir(path) -> Path:
     return path / "model" if (path / "model" / CONFIG_NAME).is_file() else path
 
 
-def load_pretrained(directory, device="cpu") -> tuple[StampEncoder, Scanner, dict]:
-    """Read a directory written by save_pretrained → (encoder, scanner, config), both in eval mode."""
+def load_pretrained(directory, device="cpu") -> tuple[StampEncoder | None, Scanner, dict]:
+    """Read a directory written by save_pretrained → (encoder, scanner, config), both in eval mode.
+
+    A scanner-only folder (config.json without "encoder", no encoder.safetensors; e.g. a detector of the
+    original code converted by models.convert_original) gives encoder None: it can scan, not stamp."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
@@ -72,13 +75,16 @@ def load_pretrained(directory, device="cpu") -> tuple[StampEncoder, Scanner, dic
         raise ValueError(f"{config_path}: not a model config (a JSON object with \"encoder\" and \"scanner\" "
                          f"objects)")
     try:
-        encoder = StampEncoder(config_from_dict(StampEncoderConfig, config.get("encoder", {}), str(config_path)))
+        encoder = (StampEncoder(config_from_dict(StampEncoderConfig, config["encoder"], str(config_path)))
+                   if "encoder" in config else None)
         scanner = Scanner(config_from_dict(ScannerConfig, config.get("scanner", {}), str(config_path)))
     except (TypeError, ValueError) as e:  # a value of the wrong type or out of range
         message = str(e) if str(e).startswith(str(config_path)) else f"{config_path}: invalid model config ({e})"
         raise ValueError(message) from None
     digests = config.get("sha256") if isinstance(config.get("sha256"), dict) else {}
     for module, name in ((encoder, ENCODER_NAME), (scanner, SCANNER_NAME)):
+        if module is None:  # a scanner-only folder
+            continue
         path = directory / name
         try:
             state = load_file(str(path))
@@ -90,7 +96,9 @@ def load_pretrained(directory, device="cpu") -> tuple[StampEncoder, Scanner, dic
             raise ValueError(f"{path}: damaged or replaced: its SHA-256 differs from the one {CONFIG_NAME} recorded "
                              f"when it was saved")
         load_state_checked(module, state, str(path))
-    return encoder.to(device).eval(), scanner.to(device).eval(), config
+    if encoder is not None:
+        encoder = encoder.to(device).eval()
+    return encoder, scanner.to(device).eval(), config
 
 
 def _sha256(path) -> str:

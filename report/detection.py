@@ -24,32 +24,38 @@ def detection_pass(encoder, judge: Judge, loader, conditions: dict, device, *, s
     "psnr", "ssim", "lpips" (N,) tensors (lpips None without its weights), "kept": (clean, stamped) (K,3,H,W)
     CPU tensors of the first `keep` photos}. Each condition's random draws are seeded by (seed, batch,
     condition), so a rerun gives the same numbers. `progress(n)` is called after each batch of n photos.
+
+    encoder None (a scanner-only model folder): only the clean photos are judged; every stamped tensor, and
+    psnr/ssim, are empty, lpips None.
     """
-    encoder.eval()
+    if encoder is not None:
+        encoder.eval()
     verdicts = {name: ([], []) for name in conditions}
     scores = {name: ([], []) for name in conditions}
     quality = {"psnr": [], "ssim": [], "lpips": []}
     kept_clean, kept_stamped = [], []
     for b, x in enumerate(loader):
         x = x.to(device)
-        stamped = stamp(encoder, x)
-        quality["psnr"].append(peak_signal_noise_ratio(stamped, x, data_range=1.0, reduction="none",
-                                                       dim=(1, 2, 3)).cpu())
-        if min(x.shape[-2:]) >= MIN_SSIM_SIDE:
-            quality["ssim"].append(structural_similarity_index_measure(stamped, x, data_range=1.0,
-                                                                       reduction="none").reshape(-1).cpu())
-        if lpips_model is not None:
-            quality["lpips"].append(lpips_model(stamped, x, normalize=True).reshape(-1).cpu())
+        stamped = stamp(encoder, x) if encoder is not None else None
+        if stamped is not None:
+            quality["psnr"].append(peak_signal_noise_ratio(stamped, x, data_range=1.0, reduction="none",
+                                                           dim=(1, 2, 3)).cpu())
+            if min(x.shape[-2:]) >= MIN_SSIM_SIDE:
+                quality["ssim"].append(structural_similarity_index_measure(stamped, x, data_range=1.0,
+                                                                           reduction="none").reshape(-1).cpu())
+            if lpips_model is not None:
+                quality["lpips"].append(lpips_model(stamped, x, normalize=True).reshape(-1).cpu())
         for c, (name, condition) in enumerate(conditions.items()):
             torch.manual_seed(seed * 1_000_003 + b * 1_009 + c)
-            for i, images in enumerate((x, stamped)):
+            for i, images in enumerate((x, stamped) if stamped is not None else (x,)):
                 seen = images if condition is None else condition(images)
                 v, s = judge(seen)
                 verdicts[name][i].append(v)
                 scores[name][i].append(s)
         if sum(len(k) for k in kept_clean) < keep:
             kept_clean.append(x.cpu())
-            kept_stamped.append(stamped.cpu())
+            if stamped is not None:
+                kept_stamped.append(stamped.cpu())
         if progress:
             progress(x.shape[0])
     cat = lambda parts: torch.cat(parts) if parts else torch.empty(0)  # noqa: E731
@@ -79,8 +85,15 @@ def common_size(batches: list[torch.Tensor]) -> torch.Tensor:
 
 def accuracy_row(clean_verdicts: torch.Tensor, stamped_verdicts: torch.Tensor,
                  clean_scores: torch.Tensor, stamped_scores: torch.Tensor) -> dict:
-    """Accuracy on clean photos (read CLEAN), stamped ones (read STAMPED), their mean, abstentions, ROC-AUC."""
+    """Accuracy on clean photos (read CLEAN), stamped ones (read STAMPED), their mean, abstentions, ROC-AUC.
+
+    Without stamped photos (a scanner-only model) the stamped figures are None and the row gives the
+    false-positive rate instead ("fpr": clean photos read as stamped; abstentions over the clean photos)."""
     acc_clean = (clean_verdicts == CLEAN).double().mean().item()
+    if len(stamped_verdicts) == 0:
+        return {"acc_clean": acc_clean, "acc_stamped": None, "acc": None,
+                "fpr": (clean_verdicts == STAMPED).double().mean().item(),
+                "abstain": clean_verdicts.lt(0).double().mean().item(), "auc": None, "n": len(clean_verdicts)}
     acc_stamped = (stamped_verdicts == STAMPED).double().mean().item()
     abstained = torch.cat([clean_verdicts, stamped_verdicts]).lt(0).double().mean().item()
     return {"acc_clean": acc_clean, "acc_stamped": acc_stamped, "acc": (acc_clean + acc_stamped) / 2,

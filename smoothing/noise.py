@@ -10,7 +10,7 @@ from engine.losses import View
 from engine.training import ViewFn
 
 
-def gaussian_noise_view(std: float) -> ViewFn:
+def gaussian_noise_view(std: float, weight: float = 1.0) -> ViewFn:
     """A view function for the shared loop: the scanner sees `pair + N(0, std²)` instead of the pair.
 
     Args:
@@ -19,7 +19,7 @@ def gaussian_noise_view(std: float) -> ViewFn:
             base classifier is under that noise.
 
     Returns:
-        `views(pair, step) -> [View("noisy", pair + std·ε)]`, with pair (2B,3,H,W) in [0,1] and ε ~ N(0, I) of
+        `views(pair, step) -> [View("noisy", pair + std·ε, weight)]`, with pair (2B,3,H,W) in [0,1] and ε ~ N(0, I) of
         the same shape, dtype and device. The result is not clamped to [0,1], as in Cohen et al. (2019):
         certification (smoothing.core.Smooth) adds the same unclamped noise, and training and certifying
         must see the same distribution. The noise comes from torch's global generator, so the run's --seed
@@ -33,7 +33,7 @@ def gaussian_noise_view(std: float) -> ViewFn:
         raise ValueError(f"--std must be a finite noise standard deviation > 0 (in [0,1] pixel units), got {std}")
 
     def noisy_view(pair: torch.Tensor, step: int) -> list[View]:
-        return [View("noisy", pair + std * torch.randn_like(pair))]
+        return [View("noisy", pair + std * torch.randn_like(pair), weight)]
 
     return noisy_view
 

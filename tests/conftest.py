@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 #: Flags that make a training run take seconds on CPU: 32 px crops, tiny networks, no LPIPS download attempt.
-TINY_TRAIN_FLAGS = ["--image_size", "32", "--batch_size", "2", "--scanner", "narrow", "--encoder_width", "0.25",
+TINY_TRAIN_FLAGS = ["--recipe", "robust", "--image_size", "32", "--batch_size", "2", "--scanner", "narrow", "--encoder_width", "0.25",
                     "--lps_w", "0", "--device", "cpu", "--log_every", "1", "--val_every", "3",
                     "--save_every", "3", "--val_images", "4", "--test_images", "4"]
 

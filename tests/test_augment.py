@@ -13,7 +13,7 @@ import train_rs_aug
 from augment import benchmark, gallery
 from augment import CORRUPTIONS, JPEG, PRESETS, DownUpResize, StochasticChain, build, parse_names, pillow_jpeg
 from augment.view import augmented_noisy_view
-from engine.training import linear_ramp
+from engine.training import ramp
 from conftest import TINY_TRAIN_FLAGS as TINY, tensorboard_tags
 
 ALL = list(CORRUPTIONS)
@@ -206,9 +206,12 @@ def test_chain_refuses_bad_settings():
         StochasticChain([])
 
 
-def test_linear_ramp_and_the_augmented_view():
-    assert [linear_ramp(s, 10, 20) for s in (0, 9, 10, 15, 20, 99)] == [0, 0, 0, 0.5, 1, 1]
-    assert linear_ramp(5, 5, 5) == 1.0 and linear_ramp(4, 5, 5) == 0.0
+def test_ramp_and_the_augmented_view():
+    assert [ramp(s, 10, 20) for s in (0, 9, 10, 15, 20, 99)] == [0, 0, 0, 0.5, 1, 1]
+    assert ramp(5, 5, 5) == 1.0 and ramp(4, 5, 5) == 0.0
+    # the original's slope: clip(aug_w·(step − start)/(end − start), 0, 1)
+    assert [ramp(s, 10, 20, slope=2.0) for s in (10, 12, 15, 99)] == [0, 0.4, 1, 1]
+    assert [ramp(s, 10, 20, slope=0.5) for s in (20, 30, 40)] == [0.5, 1, 1]
     view = augmented_noisy_view(StochasticChain.from_names("rotation", p=1.0), std=0.5, aug_start=10, aug_end=20)
     pair = _photo(batch=4)
     assert view(pair, 5) == []
@@ -234,7 +237,7 @@ def test_train_rs_aug_runs_logs_the_augmented_view_and_resumes(tmp_path, photo_f
     assert "val/view aug: clean | stamped" in tags and "val/view noisy: clean | stamped" in tags
     assert {"acc/noisy", "acc/aug"} <= set(summary["test_crops"])  # plain is "acc" itself
     args = json.loads((run_dir / "args.json").read_text())
-    assert args["augs"] == "rotation,jpeg" and args["aug_prob"] == 0.7
+    assert args["augs"] == "rotation,jpeg" and args["aug_prb"] == 0.7
 
     capsys.readouterr()
     run(5)

@@ -39,7 +39,7 @@ from smoothing import certify
 REPO = Path(__file__).resolve().parent.parent
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
 #: train.py flags for the fault-injection runs: tiny networks, no validation, no LPIPS.
-FAULT_FLAGS = ["--image_size", "32", "--batch_size", "2", "--scanner", "narrow", "--encoder_width", "0.125",
+FAULT_FLAGS = ["--recipe", "robust", "--image_size", "32", "--batch_size", "2", "--scanner", "narrow", "--encoder_width", "0.125",
                "--lps_w", "0", "--device", "cpu", "--log_every", "1000", "--val_every", "1000000",
                "--val_images", "2", "--test_images", "2"]
 WS = ["--working_size", "64"]
