@@ -578,7 +578,8 @@ def _finish(r: _Run, step: int, train_seconds: float, images_seen: int, val: dic
     log("\n".join([
         "",
         f"== {args.run_name} (recipe {args.recipe}): step {step} of {r.stop_step}; {speed} on {where}",
-        _metrics_line(f"held-out crops ({test['n']} of {r.eval_size}x{r.eval_size})", test),
+        _metrics_line(f"held-out photos fit to {r.eval_size}x{r.eval_size} ({test['n']})" if args.train_crop == "fit"
+                      else f"held-out crops ({test['n']} of {r.eval_size}x{r.eval_size})", test),
         _metrics_line(f"held-out photos ({full['n']}, {f'fit to {fixed}x{fixed}' if fixed else 'native resolution'})",
                       full),
         f"   residual border/interior energy ratio: {test['border_ratio']:.2f} on crops, "
