@@ -130,3 +130,54 @@ def test_load_pretrained_refuses_corrupted_weights(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="encoder.safetensors: not a readable safetensors file"):
         load_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------- the original code's networks
+#: (name, shape) of every tensor of the original modules (model.py of xinghua-qu/DeepRAFT), as their state dicts
+#: name them; ours hold them under `net.`.
+ORIGINAL_DETECTOR = {"model.0.conv.weight": (8, 3, 3, 3), "model.1.conv.weight": (16, 8, 3, 3),
+                     "model.2.conv.weight": (32, 16, 3, 3), "model.3.conv.weight": (64, 32, 3, 3),
+                     "model.4.conv.weight": (1, 64, 3, 3), "fc1.linear.weight": (100, 625), "fc2.linear.weight": (2, 100)}
+ORIGINAL_ENCODER = {"hidden_dense.linear.weight": (7500, 100), "embedder.model.0.conv.weight": (8, 3, 3, 3),
+                    "embedder.model.4.conv.weight": (1, 64, 3, 3), "embedder.fc1.linear.weight": (100, 625),
+                    "conv1.conv.weight": (32, 6, 3, 3), "conv5.conv.weight": (256, 128, 3, 3),
+                    "up6.conv.weight": (128, 256, 3, 3), "conv6.conv.weight": (128, 256, 3, 3),
+                    "conv9.conv.weight": (32, 70, 3, 3), "residual.conv.weight": (3, 32, 1, 1)}
+
+
+def test_original_detector_and_encoder_have_the_original_tensors():
+    scanner = Scanner(ScannerConfig("deepraft", "zeros"))
+    shapes = {k[len("net."):]: tuple(v.shape) for k, v in scanner.state_dict().items()}
+    assert {k: shapes[k] for k in ORIGINAL_DETECTOR} == ORIGINAL_DETECTOR
+    assert len(shapes) == 2 * len(ORIGINAL_DETECTOR)  # a weight and a bias each, nothing else (no BatchNorm)
+    encoder = StampEncoder(StampEncoderConfig(arch="stegastamp", max_residual=0, padding_mode="zeros"))
+    shapes = {k[len("net."):]: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    assert {k: shapes[k] for k in ORIGINAL_ENCODER} == ORIGINAL_ENCODER
+    assert len(shapes) == 2 * (1 + 6 + 9 + 4 + 1)  # dense, embedder (5 convs + dense), conv1-9, up6-9, residual
+
+
+def test_original_networks_take_400_only_and_shift_the_input():
+    scanner = Scanner(ScannerConfig("deepraft", "zeros"))
+    x = torch.rand(2, 3, 400, 400)
+    # the input is shifted by -0.5: a mid-grey image gives the same output as the network on zeros
+    net = scanner.net
+    grey = torch.full((1, 3, 400, 400), 0.5)
+    by_hand = net.fc2(net.fc1(torch.flatten(net.model(torch.zeros_like(grey)), 1)))
+    assert torch.allclose(scanner(grey), by_hand)
+    encoder = StampEncoder(StampEncoderConfig(arch="stegastamp", max_residual=0))
+    assert encoder(x).shape == x.shape and encoder.input_size == scanner.input_size == 400
+    for module in (scanner, encoder):
+        with pytest.raises(ValueError, match="400x400 images only"):
+            module(torch.rand(1, 3, 256, 256))
+
+
+def test_max_residual_zero_leaves_the_residual_unbounded_and_positive_bounds_it():
+    torch.manual_seed(0)
+    bounded = StampEncoder(StampEncoderConfig(width=0.25, max_residual=0.05))
+    free = StampEncoder(StampEncoderConfig(width=0.25, max_residual=0.0))
+    free.load_state_dict(bounded.state_dict())
+    x = torch.rand(1, 3, 24, 24)
+    raw = free(x)
+    assert torch.allclose(bounded(x), 0.05 * torch.tanh(raw), atol=1e-7)
+    with pytest.raises(ValueError, match="max_residual"):
+        StampEncoderConfig(max_residual=-1)
