@@ -53,8 +53,8 @@ FULL = dict(max_images=None, predict_n=1000, certify_n=100_000, n0=100, certify_
 #: what results and the summary say about a scanner-only model folder
 SCANNER_ONLY_NOTE = ("this model folder holds a scanner only (converted from the original code): with no encoder "
                      "there are no stamped photos, so only the clean photos were judged (accuracy and false-positive "
-                     "rate, per photo, under each condition); the stamped rows (stamped and overall accuracy, ROC-AUC), "
-                     "imperceptibility, attacks, calibration and certification need an encoder")
+                     "rate, per photo, under each condition); the stamped rows (stamped and overall accuracy, "
+                     "ROC-AUC), imperceptibility, attacks, calibration and certification need an encoder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,8 +200,8 @@ class Evaluation:
             if self.fit:
                 dataset = ImageFolderDataset(paths, self.fit, mode="center")
                 batch = args.batch_size
-                self.log(f"each photo fitted to {self.fit}×{self.fit} (centre square, resized, like the original code's "
-                         f"ImageOps.fit: the network takes {self.fit}×{self.fit} only; --size does not apply)")
+                self.log(f"each photo fitted to {self.fit}×{self.fit} (centre square, resized, like the original "
+                         f"code's ImageOps.fit: the network takes {self.fit}×{self.fit} only; --size does not apply)")
             elif args.size:
                 tiles = math.ceil(args.max_images / len(paths)) if args.max_images else None
                 dataset = ImageFolderDataset(paths, args.size, mode="grid", max_tiles_per_image=tiles)
@@ -294,7 +294,8 @@ class Evaluation:
                 "model": str(self.model_dir), "run": str(self.run_dir) if self.run_dir else None,
                 "data": self.data_text, "photos": self.photos, "images": len(self.dataset),
                 "size": self.fit or args.size, "fitted_to": self.fit, "size_text": size_text,
-                "scanner_only": self.scanner_only, "note": SCANNER_ONLY_NOTE if self.scanner_only else None, "judge": self.judge.describe(), "sigma": self.sigma,
+                "scanner_only": self.scanner_only, "note": SCANNER_ONLY_NOTE if self.scanner_only else None,
+                "judge": self.judge.describe(), "sigma": self.sigma,
                 "quick": args.quick, "seed": args.seed, "git_commit": git_commit(), "device": str(self.device),
                 "predict_n": args.predict_n, "alpha": args.alpha, "eps_255": [e * 255 for e in self.eps],
                 "seconds": round(seconds, 1), "argv": sys.argv[1:],
@@ -390,8 +391,6 @@ class Evaluation:
         lines.append(f"   wrote {len(files)} files to {self.out}/ (tables.md, results.json, CSVs, plots, tb/)")
         self.log("\n".join(lines))
 
-
-
     def scanner_only_summary(self, results: dict, files: list[Path]):
         t1 = results["table1"]
         worst = max(t1, key=lambda k: t1[k]["fpr"])
@@ -400,7 +399,8 @@ class Evaluation:
                  f"   SCANNER ONLY: {SCANNER_ONLY_NOTE}",
                  f"   no corruption: clean photos read as clean {100 * t1['none']['acc_clean']:.1f}%, false positives "
                  f"{100 * t1['none']['fpr']:.1f}%",
-                 f"   most false positives: {worst} ({100 * t1[worst]['fpr']:.1f}%)",
+                 (f"   most false positives: {worst} ({100 * t1[worst]['fpr']:.1f}%)" if t1[worst]["fpr"] > 0 else
+                  "   no false positive under any condition"),
                  f"   wrote {len(files)} files to {self.out}/ (tables.md, results.json, CSVs, tb/)"]
         self.log("\n".join(lines))
 

@@ -128,6 +128,8 @@ class Trainer:
             scan_cfg = config_from_dict(ScannerConfig, checkpoint["scanner_config"], "checkpoint")
         elif getattr(args, "init_from", None):
             init = load_pretrained(pretrained_dir(args.init_from))
+            if init[0] is None:
+                raise ValueError(f"--init_from {args.init_from}: holds a scanner only (no encoder to fine-tune)")
             enc_cfg, scan_cfg = init[0].config, init[1].config
             log(f"fine-tuning from {args.init_from}: its architecture (encoder {enc_cfg}, scanner {scan_cfg}) and "
                 f"weights; --encoder, --encoder_width, --max_residual, --padding_mode and --scanner are not used")

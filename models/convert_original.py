@@ -19,7 +19,9 @@ inert stand-ins and nothing else: the tensor-rebuilding functions become small f
 out of the bytes of `data/<key>` (dtype from the storage type, bounds checked), `collections.OrderedDict` and
 `set` stay what they are (plain containers), and each module class of the original tree becomes a placeholder
 that only records the state pickle gives it (its `__dict__`): no class is imported, no module code runs. Any
-other global is refused with an error naming it (`module.name`) before anything of it runs.
+other global is refused with an error naming it (`module.name`) before anything of it runs. Sizes are checked
+before memory is spent on them: archive entries are capped, every opcode is parsed (pickletools) before any
+runs, and the pure-Python unpickler keeps its memo in a dict rather than an array sized by the pickle.
 
 The placeholder tree is then walked (`_parameters`, persistent `_buffers`, `_modules`) into a state dict, its
 keys are mapped to ours (`model.0.conv.weight` → `net.model.0.conv.weight`, models.original), and the label
@@ -34,14 +36,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import io
 import json
 import os
 import pickle
+import pickletools
 import sys
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -68,6 +73,11 @@ CONV_SETTINGS = {f"model.{i}.conv": ((2, 2) if i < 4 else (1, 1), (1, 1), (1, 1)
 ACTIVATIONS = {**{f"model.{i}": "relu" for i in range(5)}, "fc1": "relu", "fc2": None}
 #: The original's names → ours: the port sits under `net` in Scanner(arch='deepraft').
 KEY_PREFIX = "net."
+#: Largest archive entry read (the released detectors are 360 kB in all): a zip entry can claim any size when
+#: decompressed, so a crafted one could otherwise exhaust memory.
+MAX_ENTRY_BYTES = 256 << 20
+#: Module nesting that _walk follows (the detector's is 3 deep), so that a crafted tree cannot exhaust the stack.
+MAX_DEPTH = 32
 #: Every setting the converted folder's config.json gives the scanner.
 SCANNER_CONFIG = ScannerConfig(arch="deepraft", padding_mode="zeros")
 
@@ -90,26 +100,33 @@ class ModulePlaceholder:
         return f"<placeholder for {self.class_name}>"
 
 
-class _TensorRecord:
-    """A tensor rebuilt from the archive, held in a plain object: pickle's BUILD on it (which on a real tensor
-    would call torch.Tensor.__setstate__, i.e. set_ and hook assignment) is refused."""
+class _Sealed:
+    """pickle's BUILD on one of our own stand-ins (which would replace its attributes, or on a real tensor call
+    torch.Tensor.__setstate__, i.e. set_ and hook assignment) is refused."""
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError(f"data.pkl tries to set the state of a {type(self).__name__.strip('_')}")
+
+
+class _TensorRecord(_Sealed):
+    """A tensor rebuilt from the archive, held in a plain object rather than handed to pickle as a tensor."""
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
 
-    def __setstate__(self, state):
-        raise pickle.UnpicklingError("data.pkl tries to set the state of a tensor")
 
-
-class _Storage:
+class _Storage(_Sealed):
     """One `data/<key>` entry as a flat tensor of its storage's dtype."""
 
     def __init__(self, flat: torch.Tensor, key: str):
         self.flat, self.key = flat, key
 
 
-class _InertUnpickler(pickle.Unpickler):
-    """Unpickles a torch.save `data.pkl` without importing or calling anything outside this module."""
+class _InertUnpickler(pickle._Unpickler):
+    """Unpickles a torch.save `data.pkl` without importing or calling anything outside this module.
+
+    Built on pickle's pure-Python unpickler: the C one keeps its memo in an array sized by the largest index a
+    pickle names, so one crafted LONG_BINPUT can make it allocate tens of gigabytes; this one keeps a dict."""
 
     def __init__(self, file, archive: zipfile.ZipFile, prefix: str, source: str):
         super().__init__(file)
@@ -150,15 +167,17 @@ class _InertUnpickler(pickle.Unpickler):
             return self.storages[key]
         entry = f"{self.prefix}data/{key}"
         try:
-            raw = self.archive.read(entry)
+            size = _entry_size(self.archive, entry, self.source)
         except KeyError:
             raise OriginalCheckpointError(f"{self.source}: data.pkl refers to {entry}, which the archive lacks") \
                 from None
         itemsize = torch.empty((), dtype=kind.dtype).element_size()
-        if numel < 0 or len(raw) != numel * itemsize:
-            raise OriginalCheckpointError(f"{self.source}: {entry} holds {len(raw)} bytes, not the {numel} × "
+        if numel < 0 or size != numel * itemsize:
+            raise OriginalCheckpointError(f"{self.source}: {entry} holds {size} bytes, not the {numel} × "
                                           f"{itemsize} its {kind.name} needs")
-        flat = torch.frombuffer(bytearray(raw), dtype=kind.dtype) if raw else torch.empty(0, dtype=kind.dtype)
+        raw = self.archive.read(entry)
+        flat = torch.empty(numel, dtype=kind.dtype)
+        flat.view(torch.uint8).numpy()[:] = np.frombuffer(raw, dtype=np.uint8)  # little-endian bytes, copied
         self.storages[key] = storage = _Storage(flat, key)
         return storage
 
@@ -179,7 +198,7 @@ class _InertUnpickler(pickle.Unpickler):
         return _TensorRecord(flat.as_strided(size, stride, offset).clone())
 
 
-class _StorageType:
+class _StorageType(_Sealed):
     """Stand-in for a legacy storage class such as torch.FloatStorage: carries its dtype, does nothing."""
 
     def __init__(self, name: str):
@@ -187,6 +206,19 @@ class _StorageType:
 
     def __call__(self, *args, **kwargs):  # a pickle that calls it gets an error, not a storage
         raise pickle.UnpicklingError(f"{self.name} may only be named in a storage reference")
+
+
+def _entry_size(archive: zipfile.ZipFile, entry: str, source: str) -> int:
+    """Uncompressed size of a zip entry (KeyError when absent), refused above MAX_ENTRY_BYTES."""
+    size = archive.getinfo(entry).file_size
+    if size > MAX_ENTRY_BYTES:
+        raise OriginalCheckpointError(f"{source}: {entry} claims {size} bytes, more than a detector needs "
+                                      f"({MAX_ENTRY_BYTES >> 20} MiB at most)")
+    return size
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None):
@@ -222,33 +254,44 @@ def read_original(path) -> tuple[dict[str, torch.Tensor], dict]:
                 if order != "little":
                     raise OriginalCheckpointError(f"{source}: saved with {order!r} byte order; only little-endian "
                                                   f"files are read")
-            with archive.open(pickles[0]) as f:
-                unpickler = _InertUnpickler(f, archive, prefix, source)
-                try:
-                    root = unpickler.load()
-                except OriginalCheckpointError:
-                    raise
-                except Exception as e:  # noqa: BLE001 — untrusted bytes: any failure is "not readable"
-                    raise OriginalCheckpointError(f"{source}: {pickles[0]} is not a readable torch pickle "
-                                                  f"({type(e).__name__}: {e})") from None
+            _entry_size(archive, pickles[0], source)
+            data = archive.read(pickles[0])
+            unpickler = _InertUnpickler(io.BytesIO(data), archive, prefix, source)
+            try:
+                # Parse every opcode first, running nothing: a length an opcode claims (BYTEARRAY8 allocates
+                # its claim before reading) is then known to lie within the data.
+                for _ in pickletools.genops(data):
+                    pass
+                root = unpickler.load()
+            except OriginalCheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 — untrusted bytes: any failure is "not readable"
+                raise OriginalCheckpointError(f"{source}: {pickles[0]} is not a readable torch pickle "
+                                              f"({_one_line(e)})") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
         raise OriginalCheckpointError(f"{source}: not a torch.save file (torch ≥ 1.6 writes a zip archive; this "
-                                      f"is not a readable one: {e})") from None
+                                      f"is not a readable one: {_one_line(e)})") from None
     except OSError as e:
-        raise OriginalCheckpointError(f"{source}: cannot be read ({e})") from None
+        raise OriginalCheckpointError(f"{source}: cannot be read ({_one_line(e)})") from None
     if not isinstance(root, ModulePlaceholder):
         raise OriginalCheckpointError(f"{source}: holds a {type(root).__name__}, not a pickled module (expected "
                                       f"a whole model.StampDetector)")
     state, info = {}, {"class": root.class_name, "globals": sorted(unpickler.named), "modules": {}, "settings": {}}
-    _walk(root, "", state, info, source, set())
+    try:
+        _walk(root, "", state, info, source, set())
+    except OriginalCheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 — a crafted tree can hold anything; _walk checks what it relies on
+        raise OriginalCheckpointError(f"{source}: its module tree is malformed ({_one_line(e)})") from None
     return state, info
 
 
 def _walk(node: ModulePlaceholder, prefix: str, state: dict, info: dict, source: str, seen: set) -> None:
     """Collect a placeholder tree's parameters and persistent buffers under `prefix` (nn.Module.state_dict's
     names), and each module's class and plain settings."""
-    if id(node) in seen:
-        raise OriginalCheckpointError(f"{source}: its module tree contains a cycle at {prefix or 'the root'}")
+    if id(node) in seen or prefix.count(".") > MAX_DEPTH:
+        raise OriginalCheckpointError(f"{source}: its module tree revisits a module, or nests deeper than "
+                                      f"{MAX_DEPTH}, at {prefix.rstrip('.') or 'the root'}")
     seen.add(id(node))
     attrs = getattr(node, "state", None)
     if not isinstance(attrs, dict):
@@ -256,22 +299,24 @@ def _walk(node: ModulePlaceholder, prefix: str, state: dict, info: dict, source:
                                       f"carries no module state")
     where = prefix.rstrip(".")
     info["modules"][where] = node.class_name
-    info["settings"][where] = {k: v for k, v in attrs.items()
-                               if not k.startswith("_") and isinstance(v, (str, int, float, bool, tuple, type(None)))}
-    skip = attrs.get("_non_persistent_buffers_set") or set()
+    info["settings"][where] = {k: v for k, v in attrs.items() if isinstance(k, str) and not k.startswith("_")
+                               and isinstance(v, (str, int, float, bool, tuple, type(None)))}
+    skip = attrs.get("_non_persistent_buffers_set", set())
+    if not isinstance(skip, set):
+        raise OriginalCheckpointError(f"{source}: {where or 'the root'}._non_persistent_buffers_set is not a set")
     for group in ("_parameters", "_buffers"):
         tensors = attrs.get(group, {})
-        if not isinstance(tensors, dict):
-            raise OriginalCheckpointError(f"{source}: {where or 'the root'}.{group} is not a dict")
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) for k in tensors):
+            raise OriginalCheckpointError(f"{source}: {where or 'the root'}.{group} is not a dict of names")
         for name, tensor in tensors.items():
             if tensor is None or (group == "_buffers" and name in skip):
                 continue
             if not isinstance(tensor, _TensorRecord):
                 raise OriginalCheckpointError(f"{source}: {prefix}{name} is a {type(tensor).__name__}, not a tensor")
-            state[prefix + str(name)] = tensor.tensor
+            state[prefix + name] = tensor.tensor
     children = attrs.get("_modules", {})
-    if not isinstance(children, dict):
-        raise OriginalCheckpointError(f"{source}: {where or 'the root'}._modules is not a dict")
+    if not isinstance(children, dict) or not all(isinstance(k, str) for k in children):
+        raise OriginalCheckpointError(f"{source}: {where or 'the root'}._modules is not a dict of names")
     for name, child in children.items():
         if child is None:
             continue
@@ -285,14 +330,14 @@ def _check_settings(info: dict, source: str) -> None:
     if info["class"] != "model.StampDetector":
         raise OriginalCheckpointError(f"{source}: holds a {info['class']}, not a model.StampDetector")
     settings = info["settings"]
-    for where, (stride, padding, dilation, groups, padding_mode) in CONV_SETTINGS.items():
+    for where, expected in CONV_SETTINGS.items():
         got = settings.get(where)
         if got is None:
             continue  # a missing layer is reported with the tensor names
         have = tuple(got.get(k) for k in ("stride", "padding", "dilation", "groups", "padding_mode"))
-        if have != (stride, padding, dilation, groups, padding_mode):
+        if have != expected:
             raise OriginalCheckpointError(f"{source}: {where} has (stride, padding, dilation, groups, padding_mode) "
-                                          f"{have}, the port expects {(stride, padding, dilation, groups, padding_mode)}")
+                                          f"{have}, the port expects {expected}")
     for where, activation in ACTIVATIONS.items():
         if where in settings and settings[where].get("activation", activation) != activation:
             raise OriginalCheckpointError(f"{source}: {where} has activation {settings[where].get('activation')!r}, "
@@ -315,8 +360,10 @@ def convert(path) -> tuple[Scanner, dict]:
     return scanner.eval(), info
 
 
-def write_converted(path, out, force: bool = False) -> Path:
+def write_converted(path, out, force: bool = False, sigma: float | None = None) -> Path:
     """Convert `path` and write OUT/scanner.safetensors and OUT/config.json (models.io's layout, no encoder).
+    `sigma`, for a detector trained with noise (the original's rs and rs_aug), is recorded as config.json's
+    "sigma", so that scan.py and evaluate.py judge it smoothed at that σ, as they judge our rs models.
 
     Refuses (ValueError) when OUT already holds a model's files, unless `force`; then a stale encoder or
     calibration in OUT is removed, since it belonged to the model being replaced."""
@@ -338,7 +385,7 @@ def write_converted(path, out, force: bool = False) -> Path:
     config = {
         "scanner": asdict(scanner.config),
         "source": {
-            "file": str(path.resolve()), "sha256": _sha256(path), "class": info["class"],
+            "file": str(path), "sha256": _sha256(path), "class": info["class"],
             "code": "xinghua-qu/DeepRAFT (model.StampDetector)", "converted_by": "python -m models.convert_original",
             "label_order": "swapped: the original reads clean as class 1 and stamped as class 0; fc2's two rows "
                            "were exchanged so that class 0 = clean, class 1 = stamped",
@@ -347,8 +394,17 @@ def write_converted(path, out, force: bool = False) -> Path:
         },
         "sha256": {SCANNER_NAME: digest},
     }
+    if sigma is not None:
+        config["sigma"] = sigma
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="model folder to write (scanner.safetensors, config.json); usable as scan.py --model DIR")
     p.add_argument("--force", action="store_true", help="replace the model already in DIR")
+    p.add_argument("--sigma", type=_positive_float, default=None,
+                   help="the noise σ the detector was trained with, recorded so that scan.py and evaluate.py judge "
+                        "it smoothed: S for the original's rs/sigma_S; the original records none for rs_aug (its "
+                        "README trains it with --std 0.5, the paper's Table 3 reports DA+RS at σ 0.25). Leave it "
+                        "out for the baseline")
     return p
 
 
@@ -367,7 +428,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        out = write_converted(args.detector, args.out, force=args.force)
+        out = write_converted(args.detector, args.out, force=args.force, sigma=args.sigma)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"converted {args.detector} → {out}/{SCANNER_NAME} + {CONFIG_NAME}: Scanner(arch='deepraft', "

@@ -48,8 +48,10 @@ def certification_plot(results: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def roc_plot(results: dict, path: Path) -> Path:
+def roc_plot(results: dict, path: Path) -> Path | None:
     cal = results["calibration"]
+    if not cal:  # a scanner-only model: no stamped photos, no ROC
+        return None
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot([max(f, 1e-4) for f in cal["roc"]["fpr"]], cal["roc"]["tpr"], drawstyle="steps-post",
             label=f"no corruption, AUC {cal['auc']:.4f}")

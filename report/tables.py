@@ -35,6 +35,10 @@ def table1_rows(results: dict) -> list[dict]:
 
 
 def table1_md(results: dict) -> str:
+    if any("fpr" in r for r in table1_rows(results)):  # a scanner-only model: clean photos only
+        rows = [[r["condition"], pct(r["acc_clean"]), pct(r["fpr"]), pct(r["abstain"]), str(r["n"])]
+                for r in table1_rows(results)]
+        return _table(["condition", "clean read as clean %", "false positives %", "abstained %", "photos"], rows)
     rows = [[r["condition"], pct(r["acc_clean"]), pct(r["acc_stamped"]), pct(r["acc"]), pct(r["abstain"]),
              num(r["auc"], 4)] for r in table1_rows(results)]
     return _table(["condition", "clean %", "stamped %", "overall %", "abstained %", "ROC-AUC"], rows)
@@ -110,6 +114,7 @@ def render_markdown(results: dict) -> str:
         f"{s['judge']}; {s['images']} {s['size_text']} from {s['photos']} photos of {s['data']}; seed {s['seed']}; "
         f"commit "
         f"{s.get('git_commit') or 'unknown'}; {'quick settings' if s['quick'] else 'full settings'}.",
+        f"**Scanner only**: {s['note']}." if s.get("note") else "",
         "## Table 1: detection accuracy", table1_md(results),
         "Clean: photos read as clean; stamped: stamped photos read as stamped; overall: their mean. Each "
         "condition is applied to the clean and the stamped photo before scanning; JPEG is real (Pillow).",
@@ -129,9 +134,10 @@ def render_markdown(results: dict) -> str:
                      "adaptive: APGD-CE then Square. ")
                   + "An image counts as robust only if it survives; forgery = clean photos made to scan as "
                     "stamped, removal = stamped photos made to scan as clean."]
-    parts += ["## Calibrated detection (no corruption)",
-              f"ROC-AUC {num(results['calibration']['auc'], 4)}. Verdict 'stamped' when the score is above the "
-              f"threshold; score = {results['calibration']['score']}.", calibration_md(results)]
+    if results.get("calibration"):  # None for a scanner-only model: it needs stamped photos
+        parts += ["## Calibrated detection (no corruption)",
+                  f"ROC-AUC {num(results['calibration']['auc'], 4)}. Verdict 'stamped' when the score is above the "
+                  f"threshold; score = {results['calibration']['score']}.", calibration_md(results)]
     if results.get("certification"):
         c = results["certification"]
         parts += ["## Certified accuracy (randomized smoothing)", certification_md(results),
@@ -157,7 +163,7 @@ def write_csvs(results: dict, out: Path) -> list[Path]:
     tables = {"table1": table1_rows(results), "table2": table2_rows(results), "table3": table3_rows(results),
               "calibration": [{k: v for k, v in p.items() if k != "tpr_ci"} | {"tpr_ci_low": p["tpr_ci"][0],
                                                                                  "tpr_ci_high": p["tpr_ci"][1]}
-                              for p in results["calibration"]["operating_points"]]}
+                              for p in (results["calibration"] or {}).get("operating_points", [])]}
     if results.get("certification"):
         cert = results["certification"]
         tables["certification"] = [{"radius": float(r), "all": cert["all"][r], "clean": cert["clean"][r],

@@ -255,6 +255,9 @@ def run(args, log=print) -> list[CertifyRow]:
 
     device = pick_device(args.device)
     encoder, scanner, _ = load_pretrained(model_dir, device=device)
+    if encoder is None:
+        raise ValueError(f"{model_dir} holds a scanner only (converted from the original code): certification "
+                         f"judges each photo clean and stamped, and stamping needs an encoder")
     paths = resolve_image_paths(args.data_path, log=log)
     dataset = ImageFolderDataset(paths, args.size or None, mode="center" if args.size else "full")
     count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
