@@ -201,7 +201,8 @@ class GaussianBlur(Corruption):
 
     name = "gaussian_blur"
 
-    def __init__(self, kernel_size: Range = (3, 7), sigma: Range = (1.0, 3.0), kernel_hw: tuple[int, int] | None = None):
+    def __init__(self, kernel_size: Range = (3, 7), sigma: Range = (1.0, 3.0),
+                 kernel_hw: tuple[int, int] | None = None):
         super().__init__()
         self.kernel_size = tuple(int(k) for k in _as_range("kernel_size", kernel_size, 1, 63))
         self.sigma = _as_range("sigma", sigma, 0, 50)

@@ -18,8 +18,8 @@ from .recipes import RECIPES, UNREAD_FLAGS, describe, settings
 SCRIPTS = ("train", "train_rs", "train_rs_aug")
 
 #: Flags that may change between a run and its resumption without a warning.
-RESUMABLE_FLAGS = {"max_step", "max_epoch", "device", "log_every", "val_every", "save_every", "workers", "val_images", "eval_size",
-                   "test_images", "results_dir", "channels_last", "compile"}
+RESUMABLE_FLAGS = {"max_step", "max_epoch", "device", "log_every", "val_every", "save_every", "workers", "val_images",
+                   "eval_size", "test_images", "results_dir", "channels_last", "compile"}
 
 
 def positive_int(text: str) -> int:

@@ -18,7 +18,8 @@ def yuv_mse(stamped: torch.Tensor, original: torch.Tensor, weights=YUV_WEIGHTS) 
     return (per_channel * per_channel.new_tensor(weights)).sum()
 
 
-def residual_regularisation(stamped, original, residual, l1_weight: float = 1.0, yuv_weights=YUV_WEIGHTS) -> torch.Tensor:
+def residual_regularisation(stamped, original, residual, l1_weight: float = 1.0,
+                            yuv_weights=YUV_WEIGHTS) -> torch.Tensor:
     """L_rr: YUV-weighted MSE between x' and x (weights (Y, U, V)) plus l1_weight · mean |δ|."""
     return yuv_mse(stamped, original, yuv_weights) + l1_weight * residual.abs().mean()
 

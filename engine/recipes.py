@@ -31,7 +31,7 @@ RECIPES: dict[str, dict] = {
         "log_every": 20, "val_every": 2_000, "save_every": 5_000,
     },
     "robust": {
-        "train_path": None, "image_size": 400, "train_crop": "random", "batch_size": 16,
+        "train_path": "bundled", "image_size": 400, "train_crop": "random", "batch_size": 16,
         "encoder": "unet", "scanner": "resnet18", "padding_mode": "replicate", "max_residual": 0.05,
         "clamp_stamp": True, "bn_freeze_step": None,
         "lr": 1e-4, "lr_decay": 0.5, "lr_decay_steps": 100_000, "lr_decay_unit": "step", "amp": "on",

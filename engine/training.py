@@ -140,14 +140,15 @@ class Trainer:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.encoder = StampEncoder(enc_cfg).to(self.device, memory_format=memory_format)
         self.scanner = Scanner(scan_cfg).to(self.device, memory_format=memory_format)
+        sizes = {args.image_size, args.eval_size or args.image_size}
         for name, module in (("encoder", self.encoder), ("scanner", self.scanner)):
-            if module.input_size is not None and {args.image_size, args.eval_size or args.image_size} != {module.input_size}:
+            if module.input_size is not None and sizes != {module.input_size}:
                 raise ValueError(f"--{name} {module.config.arch} takes {module.input_size}x{module.input_size} images "
                                  f"only: use --image_size {module.input_size} (with --train_crop fit for whole "
                                  f"photos), or a fully convolutional --{name}")
         # One parameter group per network, as the original (the same learning rate: Adam's update is per parameter).
-        self.optimizer = torch.optim.Adam([{"params": self.encoder.parameters()}, {"params": self.scanner.parameters()}],
-                                          lr=args.lr, fused=device.type == "cuda")
+        groups = [{"params": self.encoder.parameters()}, {"params": self.scanner.parameters()}]
+        self.optimizer = torch.optim.Adam(groups, lr=args.lr, fused=device.type == "cuda")
         gamma = args.lr_decay ** (1.0 / args.lr_decay_steps)
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=gamma)
         #: the scheduler steps after every step, or after the last step of each epoch
@@ -247,7 +248,8 @@ class Trainer:
             terms[f"L_A/{view.name}"] = ce.detach()
             terms[f"acc/{view.name}"] = (logits.detach().argmax(1) == labels).float().mean()
         loss_rr = residual_regularisation(stamped, x, residual, args.l1_w, self.yuv_weights)
-        loss_ps = perceptual_loss(self.lpips, stamped, x) if self.lpips is not None else torch.zeros((), device=self.device)
+        loss_ps = (perceptual_loss(self.lpips, stamped, x) if self.lpips is not None
+                   else torch.zeros((), device=self.device))
         weight = image_loss_ramp(step, args.warmup_steps, args.ramp_steps, self.ramp_slope)
         loss = weight * (args.img_w * loss_rr + args.lps_w * loss_ps) + loss_a
 

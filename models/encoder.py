@@ -60,8 +60,9 @@ def _conv(cin: int, cout: int, padding_mode: str, stride: int = 1) -> nn.Sequent
 class StampEncoder(nn.Module):
     """U-Net: image x (B,3,H,W) in [0,1] → residual δ (B,3,H,W), |δ| ≤ max_residual (when max_residual > 0).
 
-    arch 'unet': any H and W ≥ 1. Down: 3→c1 (stride 1), c1→c2→c3→c4→c5 (stride 2 each). Up: nearest upsampling to the skip's exact
-    size (so odd sizes work), conv, concatenation with the skip, conv. The last stage also sees the input.
+    arch 'unet': any H and W ≥ 1. Down: 3→c1 (stride 1), c1→c2→c3→c4→c5 (stride 2 each). Up: nearest
+    upsampling to the skip's exact size (so odd sizes work), conv, concatenation with the skip, conv. The last
+    stage also sees the input.
     arch 'stegastamp': the original encoder (models.original.StegaStampUNet) under `net`, 400×400 only.
     """
 

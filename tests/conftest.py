@@ -29,3 +29,14 @@ def tensorboard_tags(tb_dir) -> set:
         for event in EventFileLoader(str(path)).Load():
             tags.update(value.tag for value in event.summary.value)
     return tags
+
+
+def cli(module, argv, capsys):
+    """Run a script's main(argv) (stamp, scan, evaluate, models.convert_original, ...) → (exit status, stdout,
+    stderr); the arguments may be paths."""
+    try:
+        code = module.main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err

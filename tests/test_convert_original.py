@@ -26,6 +26,7 @@ from models import CLEAN, Scanner, ScannerConfig, StampEncoder, StampEncoderConf
 from models import convert_original
 from models.convert_original import OriginalCheckpointError, convert, read_original, write_converted
 from models.io import load_state_checked
+from conftest import cli
 
 #: ../shared beside the repository (CI has it there)
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -53,16 +54,6 @@ def original_forward(state: dict, x: torch.Tensor) -> torch.Tensor:
                             stride=2 if i < 4 else 1, padding=1))
     h = F.relu(F.linear(h.flatten(1), state["fc1.linear.weight"], state["fc1.linear.bias"]))
     return F.log_softmax(F.linear(h, state["fc2.linear.weight"], state["fc2.linear.bias"]), 1)
-
-
-def cli(module, argv, capsys):
-    """Run a main() → (exit status, stdout, stderr)."""
-    try:
-        code = module.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line(err: str) -> str:

@@ -533,7 +533,7 @@ class _Recorder(torch.nn.Module):
 
     def __init__(self, inner):
         super().__init__()
-        self.inner, self.config, self.batches = inner, inner.config, []
+        self.inner, self.config, self.input_size, self.batches = inner, inner.config, inner.input_size, []
 
     def forward(self, x):
         self.batches.append(x.shape[0])
