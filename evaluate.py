@@ -39,17 +39,23 @@ from models.io import CALIBRATION_NAME
 from report.attacks import AttackSettings, robustness_table
 from report.calibration import TARGET_FPRS, operating_point, roc_curve
 from report.conditions import table1_conditions
-from report.detection import accuracy_row, detection_pass, mean_std
+from report.detection import accuracy_row, by_photo, detection_pass, mean_std, photo_means
+from report.compare import compare
 from report.judge import Judge
+from report import paper as paper_tables
+from report.original_protocol import original_attack_table, original_image_quality
+from report.paper import KINDS as PAPER_KINDS
+from report.paper import model_kind, setting_differences
 from report.plots import write_plots
 from report.tables import render_markdown, write_csvs
 from smoothing import Smooth
 from smoothing.certify import RADII, certified_accuracy, certify_labelled, resolve_model, write_tsv
 
 #: --quick: seconds to minutes on a CPU
-QUICK = dict(max_images=8, predict_n=32, certify_n=200, n0=20, certify_images=4, attack_images=8)
+QUICK = dict(max_images=8, predict_n=32, certify_n=200, n0=20, certify_images=4, attack_images=8, passes=32)
 #: the paper's settings (n = 100,000 for certification); PREDICT uses 1,000 samples per photo and condition
-FULL = dict(max_images=None, predict_n=1000, certify_n=100_000, n0=100, certify_images=100, attack_images=100)
+FULL = dict(max_images=None, predict_n=1000, certify_n=100_000, n0=100, certify_images=100, attack_images=100,
+            passes=1000)
 #: what results and the summary say about a scanner-only model folder
 SCANNER_ONLY_NOTE = ("this model folder holds a scanner only (converted from the original code): with no encoder "
                      "there are no stamped photos, so only the clean photos were judged (accuracy and false-positive "
@@ -59,9 +65,23 @@ SCANNER_ONLY_NOTE = ("this model folder holds a scanner only (converted from the
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", required=True,
+    p.add_argument("--checkpoint", default=None,
                    help="a run folder (results/NAME, with model/) or a model folder (with config.json), e.g. "
-                        "pretrained_models/rs_aug")
+                        "pretrained_models/rs_aug (required unless --compare)")
+    p.add_argument("--protocol", choices=("strict", "original", "both"), default="both",
+                   help="strict: ours (Cohen's PREDICT with abstention, EOT attacks, certification, statistics by "
+                        "photo); original: the original code's (a smoothed scanner scored by the mean accuracy of "
+                        "--passes single noisy passes, attacks crafted on the base scanner without noise, ε up to "
+                        "64/255, FGSM, PGD-40 and random noise, Table 2 per batch of the unclamped stamp), the way "
+                        "the paper's numbers were made; both: the two side by side (see README, Evaluation)")
+    p.add_argument("--paper_row", choices=("auto", *PAPER_KINDS), default="auto",
+                   help="which of the paper's models this is, for the paper column: plain (train.py), plain_da "
+                        "(train.py --aug), rs (train_rs.py), da_rs (train_rs_aug.py); auto reads the run's args.json, "
+                        "or a model folder's config.json and name")
+    p.add_argument("--compare", nargs="+", metavar="RUN_OR_MODEL", default=None,
+                   help="instead of evaluating: assemble the results.json of these evaluated runs or model folders "
+                        "(or their eval folders) into the paper's three tables, written to --out (a .md file; "
+                        "default results/compare.md) with a .json beside it")
     p.add_argument("--data_path", default=None,
                    help="folder of photos, searched recursively (default: the photos scikit-image ships). When "
                         "it is the data the run trained on, only the run's held-out test split is used")
@@ -70,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=non_negative_int, default=400,
                    help="side of the square tiles taken from each photo (the paper: 400); 0 = each photo at "
                         "its native resolution, one at a time")
+    p.add_argument("--working_size", type=non_negative_int, default=None,
+                   help="instead of tiles: each photo whole, brought to scan.py's working resolution (long side N, "
+                        "antialiased, as stamp.py and scan.py do; 512 is their default), one at a time: what to "
+                        "calibrate scan.py with (--write_calibration records it, and scan.py checks it)")
     p.add_argument("--max_images", type=positive_int, default=None,
                    help="tiles (or photos) to evaluate; several tiles per photo when there are fewer photos "
                         f"(default: all; {QUICK['max_images']} with --quick)")
@@ -116,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Square queries (default: the paper's 5,000; few with --quick)")
     a.add_argument("--eot_iter", type=positive_int, default=None,
                    help="noise draws per APGD gradient in the adaptive attack on smoothed scanners")
+    o = p.add_argument_group("the original protocol")
+    o.add_argument("--passes", type=positive_int, default=None,
+                   help=f"noisy single passes averaged to score a smoothed scanner's adversarial images (default "
+                        f"{FULL['passes']}, the original's; {QUICK['passes']} quick). Table 1's original column "
+                        f"averages the --predict_n passes of the detection pass")
+    o.add_argument("--original_eps", default="2,4,8,16,32,64",
+                   help="the original protocol's L∞ budgets in /255 units (its code's list)")
     return p
 
 
@@ -139,7 +170,7 @@ class Evaluation:
     """The stages of one evaluation; run() drives them and returns the results dict."""
 
     STAGES = ["load", "detection and imperceptibility", "calibration", "adversarial attacks", "certification",
-              "write"]
+              "original protocol", "write"]
 
     def __init__(self, args, log=print):
         self.args, self.log = args, log
@@ -148,6 +179,10 @@ class Evaluation:
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
         self.eps = _eps_list(args.eps)
+        self.original_eps = _eps_list(args.original_eps)
+        self.strict, self.original = args.protocol in ("strict", "both"), args.protocol in ("original", "both")
+        if args.checkpoint is None:
+            raise ValueError("--checkpoint: required (a run folder or a model folder), unless --compare")
         self.model_dir, self.run_dir, self.run_args = resolve_model(args.checkpoint)
         base = self.run_dir if self.run_dir is not None else Path("results") / self.model_dir.name
         self.out = args.out or (base / "eval" / ("quick" if args.quick else ""))
@@ -202,6 +237,9 @@ class Evaluation:
                 batch = args.batch_size
                 self.log(f"each photo fitted to {self.fit}×{self.fit} (centre square, resized, like the original "
                          f"code's ImageOps.fit: the network takes {self.fit}×{self.fit} only; --size does not apply)")
+            elif args.working_size is not None:
+                dataset = _AtWorkingSize(ImageFolderDataset(paths, None, mode="full"), args.working_size)
+                batch = 1
             elif args.size:
                 tiles = math.ceil(args.max_images / len(paths)) if args.max_images else None
                 dataset = ImageFolderDataset(paths, args.size, mode="grid", max_tiles_per_image=tiles)
@@ -213,6 +251,11 @@ class Evaluation:
         self._report_unreadable(0, f"left out of the {len(paths)} photos")
         count = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
         self.dataset = torch.utils.data.Subset(dataset, range(count))
+        # Tiles of one photo are one sample: statistics are by photo (report.detection.by_photo), and attacks and
+        # certification take one tile per photo.
+        self.photo_ids = torch.tensor([dataset.photo_index(i) for i in range(count)], dtype=torch.long)
+        self.first_tile = torch.ones(count, dtype=torch.bool)
+        self.first_tile[1:] = self.photo_ids[1:] != self.photo_ids[:-1]
         self.loader = DataLoader(self.dataset, batch_size=batch, shuffle=False)
         self.photos = len(paths)
         self.judge = Judge(self.scanner, self.sigma, n=args.predict_n, alpha=args.alpha,
@@ -224,7 +267,8 @@ class Evaluation:
             self.lpips_note = ("n/a: needs an encoder" if self.scanner_only else
                                "n/a: " + notes[0].split(": ", 1)[-1] if notes else "n/a")
         self.log(f"{self.model_dir}: {self.judge.describe()}; {count} "
-                 f"{'tiles' if args.size and not self.fit else 'photos'} from {self.photos} photos on {self.device}")
+                 f"{'tiles' if args.size and not self.fit and args.working_size is None else 'photos'} from "
+                 f"{self.photos} photos on {self.device}")
 
     def detection(self):
         conditions = table1_conditions()
@@ -235,20 +279,63 @@ class Evaluation:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnreadableImageWarning)
             self.pass_ = detection_pass(self.encoder, self.judge, self.loader, conditions, self.device,
-                                        seed=self.args.seed, lpips_model=self.lpips, keep=keep, progress=inner.update)
+                                        seed=self.args.seed, lpips_model=self.lpips, keep=keep,
+                                        keep_mask=self.first_tile, progress=inner.update)
         inner.close()
         self._report_unreadable(before, "whose pixel data failed to decode; their tiles were replaced by the next "
                                         "readable photo's")
-        v, s = self.pass_["verdicts"], self.pass_["scores"]
-        self.table1 = {name: accuracy_row(*v[name], *s[name]) for name in conditions}
-        self.table2 = {"psnr": mean_std(self.pass_["psnr"]), "ssim": mean_std(self.pass_["ssim"]),
-                       "lpips": mean_std(self.pass_["lpips"]), "lpips_note": self.lpips_note}
+        self.table1 = {name: self._photo_row(name) for name in conditions}
+        ids = self.photo_ids
+        per_photo = {m: photo_means(self.pass_[m], ids) if self.pass_[m] is not None and len(self.pass_[m]) == len(ids)
+                     else self.pass_[m] for m in ("psnr", "ssim", "lpips")}
+        self.table2 = {"psnr": mean_std(per_photo["psnr"]), "ssim": mean_std(per_photo["ssim"]),
+                       "lpips": mean_std(per_photo["lpips"]), "lpips_note": self.lpips_note,
+                       "by": "photo (the mean over its tiles)", "n_tiles": len(self.pass_["psnr"])}
+        if self.original:
+            self.original_ = {"table1": self._original_table1(),
+                              "table1_judge": (f"mean over {self.args.predict_n} noisy single passes (σ {self.sigma}) of "
+                                               f"the argmax accuracy, no vote, no abstention" if self.sigma
+                                               else "the scanner's argmax")}
+
+    def _original_table1(self) -> dict:
+        """Table 1 the original way: a smoothed scanner's accuracy is the mean over the n noisy single passes of
+        the detection pass (--predict_n, the original's 1,000) of the argmax accuracy, with no vote and no
+        abstention: per image, the share of passes that read it right (the vote share of PREDICT's own samples,
+        so this costs nothing more). A plain scanner's is its argmax accuracy, as in the strict protocol.
+        Per photo (the mean over its tiles), then over photos."""
+        table = {}
+        for name, ((vc, vs), (sc, ss)) in ((k, (self.pass_["verdicts"][k], self.pass_["scores"][k]))
+                                          for k in self.pass_["verdicts"]):
+            if self.sigma:
+                right_clean, right_stamped = 1 - sc.double(), ss.double()
+            else:
+                right_clean, right_stamped = (vc == CLEAN).double(), (vs == STAMPED).double()
+            clean = photo_means(right_clean, self.photo_ids).mean().item()
+            stamped = photo_means(right_stamped, self.photo_ids).mean().item() if len(vs) else None
+            table[name] = {"acc_clean": clean, "acc_stamped": stamped,
+                           "acc": (clean + stamped) / 2 if stamped is not None else None,
+                           "n": len(torch.unique(self.photo_ids)), "n_tiles": len(vc)}
+        return table
+
+    def _photo_scores(self, condition: str) -> tuple[tuple, tuple]:
+        """((clean verdicts, clean scores), (stamped verdicts, stamped scores)) of `condition`, one per photo."""
+        (vc, vs), (sc, ss) = self.pass_["verdicts"][condition], self.pass_["scores"][condition]
+        clean = by_photo(vc, sc, self.photo_ids)
+        stamped = by_photo(vs, ss, self.photo_ids) if len(vs) else (vs, ss)
+        return clean, stamped
+
+    def _photo_row(self, condition: str) -> dict:
+        (vc, sc), (vs, ss) = self._photo_scores(condition)
+        return {**accuracy_row(vc, vs, sc, ss), "n_tiles": len(self.pass_["verdicts"][condition][0])}
 
     def calibration(self):
-        clean, stamped = self.pass_["scores"]["none"]
+        (_, clean), (_, stamped) = self._photo_scores("none")
         self.calibration_ = {
             "score": ("fraction of noisy samples read as stamped" if self.sigma else
                       "logit(stamped) − logit(clean)"),
+            "by": "photo: a photo's score is the maximum over its tiles (flagged when any tile is); the counts "
+                  "and 'backed' are distinct photos",
+            "n_tiles": len(self.pass_["scores"]["none"][0]),
             "roc": roc_curve(clean, stamped),
             "operating_points": [operating_point(clean, stamped, fpr) for fpr in TARGET_FPRS],
         }
@@ -273,7 +360,7 @@ class Evaluation:
         count = min(args.certify_images, len(clean))
         items = [(image, label) for i in range(count) for image, label in ((clean[i], CLEAN), (stamped[i], STAMPED))]
         generator = torch.Generator(device=self.device if self.device.type == "cuda" else "cpu")
-        generator.manual_seed(args.seed)
+        generator.manual_seed(certify_seed(args.seed))
         rows = write_tsv(certify_labelled(Smooth(self.scanner, self.sigma), items, n0=args.n0, n=args.certify_n,
                                           alpha=args.alpha, batch_size=args.noise_batch, generator=generator),
                          self.out / f"certify_sigma{self.sigma:g}.tsv")
@@ -284,16 +371,53 @@ class Evaluation:
         self.certification_.update(sigma=self.sigma, n0=args.n0, n=args.certify_n, alpha=args.alpha,
                                    images=count, seconds_per_image=sum(r.time for r in rows) / max(1, len(rows)))
 
+    def original_protocol(self):
+        """Tables 2 and 3 the original code's way (report.original_protocol); its Table 1 came with detection."""
+        args = self.args
+        quality = original_image_quality(self.encoder, self.loader, self.device, lpips_model=self.lpips)
+        for metric in ("psnr", "ssim", "lpips"):  # the layout of our Table 2: n = batches, empty when n/a
+            stats = quality[metric]
+            quality[metric] = ({**stats, "n": quality["n_batches"]} if stats else
+                               {"mean": math.nan, "std": math.nan, "n": 0})
+        self.original_["table2"] = quality
+        self.original_["table2"]["note"] = (
+            f"PSNR from each batch's MSE of the unclamped x + δ, SSIM (11-px Gaussian window, σ 1.5, no padding) "
+            f"and LPIPS per batch of {self.original_['table2']['batch_size']}, mean ± std across the "
+            f"{self.original_['table2']['n_batches']} batches ({self.original_['table2']['n_images']} images), as "
+            f"the original's compare_img_similarity.py")
+        if args.attack_images == 0:
+            return
+        clean, stamped = self.pass_["kept"]
+        clean, stamped = clean[:args.attack_images], stamped[:args.attack_images]
+        overrides = {"seed": args.seed, "batch_size": args.batch_size, "noise_batch": args.noise_batch}
+        overrides.update({k: getattr(args, k) for k in ("apgd_iters", "square_queries")
+                          if getattr(args, k) is not None})
+        settings = AttackSettings.quick(**overrides) if args.quick else AttackSettings(**overrides)
+        table = original_attack_table(self.scanner, clean.to(self.device), stamped.to(self.device), self.sigma,
+                                      eps=self.original_eps, settings=settings, passes=args.passes)
+        judged = (f"the mean accuracy of {args.passes} single noisy passes (σ {self.sigma})" if self.sigma
+                  else "the scanner's argmax")
+        table["note"] = (f"{table['n_clean']} clean and {table['n_stamped']} stamped photos. Every attack is crafted "
+                         f"on the base scanner without noise (no EOT) and scored by {judged}; noise: x + ε·N(0, I), "
+                         f"FGSM: one signed-gradient step, PGD-40: 40 steps with a random start; APGD-CE and Square "
+                         f"as pyautoattack's; adaptive: Square, then APGD-CE where Square failed. Every image is "
+                         f"scored (the original's stale batch index scored only its last batch).")
+        self.original_["table3"] = table
+
     def results(self, seconds: float) -> dict:
         args = self.args
         size_text = f"tiles of {args.size}×{args.size}" if args.size else "photos at native resolution"
+        if args.working_size is not None:
+            size_text = (f"photos at the working resolution (long side {args.working_size})" if args.working_size
+                         else "photos at native resolution")
         if self.fit:
             size_text = f"photos fitted to {self.fit}×{self.fit} (centre square, resized, like ImageOps.fit)"
         return {
             "settings": {
                 "model": str(self.model_dir), "run": str(self.run_dir) if self.run_dir else None,
                 "data": self.data_text, "photos": self.photos, "images": len(self.dataset),
-                "size": self.fit or args.size, "fitted_to": self.fit, "size_text": size_text,
+                "size": self.fit or (0 if args.working_size is not None else args.size), "fitted_to": self.fit,
+                "working_size": None if self.fit else args.working_size, "size_text": size_text,
                 "scanner_only": self.scanner_only, "note": SCANNER_ONLY_NOTE if self.scanner_only else None,
                 "judge": self.judge.describe(), "sigma": self.sigma,
                 "quick": args.quick, "seed": args.seed, "git_commit": git_commit(), "device": str(self.device),
@@ -301,19 +425,39 @@ class Evaluation:
                 "seconds": round(seconds, 1), "argv": sys.argv[1:],
                 "unreadable": [{"path": str(path), "reason": reason} for path, reason in self.images.skipped],
             },
+            "protocol": args.protocol,
             "table1": self.table1, "table2": self.table2, "table3": getattr(self, "table3", None),
             "calibration": getattr(self, "calibration_", None),
             "certification": getattr(self, "certification_", None),
+            "original": getattr(self, "original_", None),
+            "paper": self.paper(size_text),
+        }
+
+    def paper(self, size_text: str) -> dict:
+        """The paper's numbers for the row this model corresponds to (report.paper), and how its setting differs."""
+        config = _model_config(self.model_dir) or {}
+        kind = self.args.paper_row if self.args.paper_row != "auto" else model_kind(self.run_args, config,
+                                                                                     self.model_dir.name)
+        row3 = paper_tables.table3_row(kind, self.sigma)
+        return {
+            "kind": kind, "name": paper_tables.KIND_NAMES.get(kind),
+            "table1": paper_tables.TABLE1.get(kind), "table2": paper_tables.TABLE2.get(kind),
+            "table3_row": row3, "table3": paper_tables.TABLE3.get(row3), "eps_255": list(paper_tables.EPS_255),
+            "differences": setting_differences(self.run_args, config, self.data_text, size_text),
+            "note": None if kind else "which of the paper's models this is is unknown: pass --paper_row",
         }
 
     def run(self) -> dict:
         t0 = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
         stages = [s for s in self.STAGES
-                  if not (s == "adversarial attacks" and self.args.attack_images == 0)
-                  and not (s == "certification" and (not self.sigma or self.args.certify_images == 0))
+                  if not (s == "adversarial attacks" and (self.args.attack_images == 0 or not self.strict))
+                  and not (s == "certification" and (not self.sigma or self.args.certify_images == 0
+                                                     or not self.strict))
+                  and not (s == "original protocol" and not self.original)
                   # stamped photos need an encoder
-                  and not (self.scanner_only and s in ("calibration", "adversarial attacks", "certification"))]
+                  and not (self.scanner_only and s in ("calibration", "adversarial attacks", "certification",
+                                                       "original protocol"))]
         bar = tqdm(stages, desc="evaluate", unit="stage", file=sys.stderr, dynamic_ncols=True)
         for stage in bar:
             bar.set_postfix_str(stage)
@@ -327,6 +471,8 @@ class Evaluation:
                 self.attacks()
             elif stage == "certification":
                 self.certification()
+            elif stage == "original protocol":
+                self.original_protocol()
             else:
                 results = self.results(time.time() - t0)
                 files = self.write(results)
@@ -405,6 +551,32 @@ class Evaluation:
         self.log("\n".join(lines))
 
 
+class _AtWorkingSize(torch.utils.data.Dataset):
+    """Whole photos brought to scan.py's working resolution (stamp.to_working: long side `size`, antialiased
+    bilinear; 0 = native). Keeps the wrapped dataset's .skipped and photo_index."""
+
+    def __init__(self, dataset: ImageFolderDataset, size: int):
+        self.dataset, self.size = dataset, size
+        self.skipped, self.photo_index = dataset.skipped, dataset.photo_index
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        from stamp import to_working
+
+        return to_working(self.dataset[i][None], self.size)[0].clamp(0, 1)
+
+
+def certify_seed(seed: int) -> int:
+    """The seed of CERTIFY's noise: a stream of its own (numpy's SeedSequence of (seed, 1)), so that its draws are
+    independent of PREDICT's (the judge's generator is seeded with `seed` itself); sharing one seed would make
+    CERTIFY's first noisy copies repeat PREDICT's."""
+    import numpy as np
+
+    return int(np.random.SeedSequence((seed, 1)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def _model_config(model_dir: Path) -> dict | None:
     """The model's config.json as a dict (None when absent or unreadable: load_pretrained then says why)."""
     try:
@@ -426,6 +598,7 @@ def write_calibration(results: dict, results_path: Path, path: Path, target_fpr:
     s = results["settings"]
     record = {"score": results["calibration"]["score"], "judge": "smoothed" if s["sigma"] else "plain",
               "sigma": s["sigma"], **point, "evaluated": str(results_path), "size": s["size"],
+              "working_size": s.get("working_size"), "fitted_to": s.get("fitted_to"),
               "size_text": s["size_text"], "data": s["data"], "images": s["images"], "quick": s["quick"],
               "predict_n": s["predict_n"] if s["sigma"] else None, "alpha": s["alpha"], "git_commit": s["git_commit"]}
     tmp = path.with_name(path.name + ".tmp")
@@ -438,6 +611,11 @@ def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.compare:
+            out = compare(args.compare, args.out or Path("results") / "compare.md")
+            print(f"wrote {out} and {out.with_suffix('.json')}: the paper's three tables for {len(args.compare)} "
+                  f"model(s), ours (strict and original protocols) beside the paper's")
+            return {"compare": str(out)}
         return Evaluation(args).run()
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -15,18 +15,28 @@ The judge. A plain scanner's score is the logit difference logit(stamped) − lo
 with --std (its config.json records "sigma"; --sigma overrides, --plain ignores it) is judged smoothed, as
 in Cohen et al.'s PREDICT: the score is the share of --n noisy copies x + N(0, σ²) that the scanner reads
 as stamped; the verdict is ABSTAIN when a two-sided binomial test cannot tell that share from the threshold
-at --alpha (at the threshold ½ this is exactly PREDICT). --certify adds Cohen's CERTIFY: the smoothed class
-and its certified L2 radius (in [0,1]-pixel units) from --n0 + --n fresh noisy copies.
+at --alpha (at the threshold ½ this is exactly PREDICT). --certify certifies the verdict itself: from --n
+fresh noisy copies it computes an L2 radius r (in [0,1]-pixel units, at the resolution scanned) such that,
+with confidence 1 − alpha, the smoothed verdict (P(stamped) > threshold, or ≤) holds for every perturbation
+of L2 norm < r (smoothing.core.threshold_radius; at the threshold ½ this is Cohen's CERTIFY with the verdict
+as its selection step). When the bound does not clear the threshold, or the verdict abstains, the output says
+"certified: false, radius 0": a certificate never names a class other than the verdict's.
 
 The threshold: STAMPED when score > threshold. It is --threshold if given, else the one evaluate.py
 --write_calibration stored in MODEL/calibration.json (the lowest threshold whose false-positive rate is at
 most 1% with 95% confidence on its clean photos), else the uncalibrated default (0 for the logit difference,
 i.e. the scanner's argmax; ½ for the vote share, i.e. PREDICT's majority), and the output says
-"uncalibrated". A calibration made for another kind of score (plain vs smoothed, another σ) is not used.
+"uncalibrated". A calibration made for another kind of score (plain vs smoothed, another σ) is not used. One
+that is used is compared with scan.py's own settings: the number of noisy copies (--n; smoothed only) and the
+resolution photos are judged at (--working_size, or the fitted square of a fixed-size scanner). A single note
+at the start names every setting that differs, the calibration's value against scan.py's: its false-positive
+rate was measured under the calibration's settings and may not hold under others.
 
 Output: one line per image on stdout (--json: one JSON object per line, with "path", "verdict"
-(stamped|clean|abstain|error), "score", "threshold", "calibrated", and "radius" with --certify, "error" for
-a file that could not be read), a progress bar for folders, and a summary on stderr. Unreadable files are
+(stamped|clean|abstain|error), "score", "threshold", "calibrated", "calibration_differs" (the names of the
+settings that differ from the calibration's, only when some do), with --certify "certified" (the verdict it
+certifies, "stamped" or "clean", or false), "radius" and "certificate" (what it means), "error" for a file
+that could not be read), a progress bar for folders, and a summary on stderr. Unreadable files are
 reported and the batch goes on. Exit status: 0 when every file was read, 1 when some could not be, 2 for bad
 flags or a bad model.
 """
@@ -37,7 +47,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +60,7 @@ from models import STAMPED
 from models.io import CALIBRATION_NAME
 from report.judge import Judge
 from smoothing import ABSTAIN, Smooth
+from smoothing.core import threshold_radius
 from stamp import (DEFAULT_WORKING_SIZE, expand_inputs, fit_pixels, fit_text, load_model, pixels_to_tensor,
                    read_pixels, report_failures, to_working)
 
@@ -68,6 +79,8 @@ class Threshold:
     source: str  # "flag", "calibration" or "default"
     text: str  # how a verdict line names it, e.g. "calibrated, FPR ≤ 1%"
     calibration: dict | None = None
+    path: Path | None = None  # the calibration.json it came from
+    differs: list[str] = field(default_factory=list)  # settings unlike the calibration's (calibration_differences)
 
     @property
     def calibrated(self) -> bool:
@@ -100,8 +113,70 @@ def resolve_threshold(given: float | None, model_dir: Path, sigma: float | None,
                 text = f"calibrated, {target}"
             else:
                 text = f"calibrated on {cal.get('n_clean', '?')} clean images, too few to back {target}"
-            return Threshold(value, "calibration", text, cal)
+            return Threshold(value, "calibration", text, cal, path)
     return Threshold(default, "default", "uncalibrated")
+
+
+def _resolution(kind: str, size: int) -> str:
+    """How a note names a resolution: ("working", 0) native, ("working", W), ("fitted", F), ("tiles", S)."""
+    if kind == "fitted":
+        return f"on photos fitted to {size}×{size}"
+    if kind == "tiles":
+        return f"on {size}×{size} tiles, not at a working resolution"
+    return f"at working size {size}" if size else "at native resolution"
+
+
+def calibration_resolution(cal: dict) -> tuple[str, int] | None:
+    """The resolution a calibration.json was measured at, as (kind, pixels); None when it does not say.
+
+    evaluate.py records "fitted_to" (the square a fixed-input network's photos were fitted to, else null),
+    "working_size" (the long side each photo was brought to, as scan.py's --working_size; 0 = native; null or
+    absent when it scored tiles) and "size" (its tile side; 0 = whole photos at native resolution). Read in that
+    order: ("fitted", F), ("working", W), else ("tiles", S) for S > 0 or ("working", 0) for S = 0 (calibrations
+    written before "working_size" existed scored whole photos at native resolution when "size" was 0).
+    """
+    if cal.get("fitted_to") is not None:
+        return "fitted", int(cal["fitted_to"])
+    if cal.get("working_size") is not None:
+        return "working", int(cal["working_size"])
+    if cal.get("size") is not None:
+        size = int(cal["size"])
+        return ("tiles", size) if size else ("working", 0)
+    return None
+
+
+def calibration_differences(cal: dict, n: int | None, resolution: tuple[str, int]) -> list[tuple[str, str, str]]:
+    """The settings under which scan.py judges that differ from those a calibration was measured under.
+
+    Called only for a calibration that scan.py uses (same kind of score and σ: resolve_threshold has checked
+    those). Compared:
+      - "n": the calibration's "predict_n" (evaluate.py's number of noisy copies per verdict) against scan.py's
+        --n; for a smoothed scanner only (`n` None for a plain one), and only when the calibration records it.
+        The vote share's spread, hence the share of clean photos above a threshold, depends on n.
+      - "working_size": the calibration's resolution (calibration_resolution) against scan.py's `resolution`,
+        ("working", --working_size) or ("fitted", F) for a fixed-input scanner. A calibration made on S×S tiles
+        always differs: scan.py never scans tiles.
+
+    Returns:
+        [(name, calibration's value, scan.py's value)], the values as a note words them ("n 1000",
+        "on 400×400 tiles, not at a working resolution", "at working size 512"); [] when all match.
+    """
+    differs = []
+    made_n = cal.get("predict_n")
+    if n is not None and made_n is not None and int(made_n) != n:
+        differs.append(("n", f"n {int(made_n)}", f"n {n}"))
+    made_at = calibration_resolution(cal)
+    if made_at is not None and made_at != resolution:
+        differs.append(("working_size", _resolution(*made_at), _resolution(*resolution)))
+    return differs
+
+
+def differences_note(path: Path, differs: list[tuple[str, str, str]]) -> str:
+    """One line naming every differing setting (calibration_differences), the calibration's value vs scan.py's."""
+    made = " ".join(c for _, c, _ in differs)
+    ours = " ".join(s for _, _, s in differs)
+    return (f"note: {path} was made {'with ' if differs[0][0] == 'n' else ''}{made}; scan.py "
+            f"{'uses' if differs[0][0] == 'n' else 'scans'} {ours}: the calibrated false-positive rate may not hold")
 
 
 def smoothed_verdict(votes: int, n: int, threshold: float, alpha: float) -> int:
@@ -143,6 +218,13 @@ class PhotoScanner:
         self.smooth = Smooth(scanner, self.sigma) if args.certify else None
         self.certify_generator = torch.Generator().manual_seed(args.seed + 1) if args.certify else None
         self.threshold = resolve_threshold(args.threshold, self.model_dir, self.sigma, log)
+        if self.threshold.calibrated:
+            resolution = ("fitted", self.fit) if self.fit else ("working", args.working_size)
+            differs = calibration_differences(self.threshold.calibration, args.n if self.sigma is not None else None,
+                                              resolution)
+            if differs:
+                log(differences_note(self.threshold.path, differs))
+            self.threshold.differs = [name for name, _, _ in differs]
 
     def describe(self) -> str:
         t = self.threshold
@@ -151,7 +233,8 @@ class PhotoScanner:
         else:
             size = "working resolution " + (f"long side {self.args.working_size} px" if self.args.working_size
                                             else "native resolution")
-        extra = f"; CERTIFY with n0 {self.args.n0}, n {self.args.n}" if self.args.certify else ""
+        extra = (f"; certifying each verdict with n {self.args.n} fresh noisy copies, alpha {self.args.alpha:g}"
+                 if self.args.certify else "")
         return (f"{self.model_dir}: {self.judge.describe()}{extra}; STAMPED when score > {t.value:.4g} ({t.text}); "
                 f"{size}")
 
@@ -171,13 +254,47 @@ class PhotoScanner:
         result = {"path": str(path), "verdict": VERDICTS[verdict], "score": score, "threshold": t,
                   "calibrated": self.threshold.calibrated, "threshold_source": self.threshold.source,
                   "size": [pixels.shape[1], pixels.shape[0]], "scanned_at": [x.shape[-1], x.shape[-2]]}
+        if self.threshold.differs:
+            result["calibration_differs"] = list(self.threshold.differs)
         if self.sigma is not None:
             result.update(votes=round(score * args.n), n=args.n, sigma=self.sigma)
         if self.smooth is not None:
-            cls, radius = self.smooth.certify(x[0], n0=args.n0, n=args.n, alpha=args.alpha,
-                                              batch_size=args.batch_size, generator=self.certify_generator)
-            result.update(certified=VERDICTS[cls], radius=float(radius))
+            result.update(self.certify(x[0], verdict, t))
         return result
+
+    def certify(self, x: torch.Tensor, verdict: int, threshold: float) -> dict:
+        """The certificate of a smoothed verdict → {"certified", "radius", "certificate", ...} for the result.
+
+        The verdict chose the side ("P(stamped) > threshold" or "≤") from its own noise, so --n fresh noisy
+        copies, drawn with another generator, bound that side's probability (one-sided Clopper–Pearson at
+        alpha), and threshold_radius turns the bound into the radius. "certified" is the verdict certified
+        ("stamped" or "clean"), or False with radius 0 when the bound does not clear the threshold or the
+        verdict abstains (no fresh copies are drawn then). A radius of None means unbounded (threshold 0 or 1:
+        the decision cannot change).
+        """
+        args = self.args
+        if verdict == ABSTAIN:
+            return {"certified": False, "radius": 0.0,
+                    "certificate": "none: the verdict abstains, so there is no verdict to certify"}
+        counts = self.smooth.counts(x, args.n, args.batch_size, self.certify_generator)
+        votes = int(counts[STAMPED])
+        above = verdict == STAMPED
+        radius = threshold_radius(votes, args.n, threshold, self.sigma, args.alpha, above=above)
+        name, side = VERDICTS[verdict], ("P(stamped) > " if above else "P(stamped) ≤ ") + f"{threshold:.4g}"
+        record = {"certify_votes": votes, "certify_n": args.n}
+        if radius <= 0:
+            share = "lower" if above else "upper"
+            return {**record, "certified": False, "radius": 0.0,
+                    "certificate": f"none: the {share} confidence bound on P(stamped) from {votes} of {args.n} "
+                                   f"fresh votes does not clear the threshold {threshold:.4g} at alpha "
+                                   f"{args.alpha:g}"}
+        if math.isinf(radius):
+            meaning = (f"the {name} verdict ({side}) holds for every perturbation, whatever its norm "
+                       f"(confidence 1 − {args.alpha:g})")
+            return {**record, "certified": name, "radius": None, "certificate": meaning}
+        meaning = (f"the {name} verdict ({side}) holds for every L2 perturbation of norm < {radius:.4g} "
+                   f"([0,1] pixel units at the resolution scanned; confidence 1 − {args.alpha:g})")
+        return {**record, "certified": name, "radius": radius, "certificate": meaning}
 
     def line(self, r: dict) -> str:
         """The human-readable verdict line of a result."""
@@ -192,9 +309,9 @@ class PhotoScanner:
         else:
             sign = ">" if r["verdict"] == "stamped" else "≤"
             text = f"{r['path']}: {r['verdict'].upper()} score {score} {sign} threshold {t} ({how})"
-        if "radius" in r:
-            text += (f"; certified {r['certified']} within L2 radius {r['radius']:.3f}" if r["certified"] != "abstain"
-                     else "; certification abstains")
+        if "certificate" in r:
+            text += (f"; certified: {r['certificate']}" if r["certified"]
+                     else f"; certified: false, radius 0 ({r['certificate']})")
         return text
 
 
@@ -221,8 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise samples per image for the smoothed verdict, and CERTIFY's estimation samples")
     s.add_argument("--alpha", type=significance, default=0.001, help="significance level of verdicts and certificates")
     s.add_argument("--certify", action="store_true",
-                   help="also certify each image (Cohen's CERTIFY): class and L2 radius; costs n0 + n more passes")
-    s.add_argument("--n0", type=positive_int, default=100, help="CERTIFY's selection samples")
+                   help="also certify each verdict: the L2 radius (in [0,1] pixel units) within which it holds, "
+                        "with confidence 1 − alpha; costs n more passes")
+    s.add_argument("--n0", type=positive_int, default=100,
+                   help="not used: Cohen's CERTIFY draws n0 copies to choose the class to certify; scan.py "
+                        "certifies its verdict instead (kept so that old command lines still run)")
     s.add_argument("--batch_size", type=positive_int, default=200, help="noisy copies classified at once")
     s.add_argument("--seed", type=int, default=0, help="seed of the noise")
     return p

@@ -177,6 +177,11 @@ class ImageFolderDataset(Dataset):
         self._pixels_cache: dict[int, torch.Tensor] = {}
         self._broken: set[int] = set()
 
+    def photo_index(self, index: int) -> int:
+        """The index in :attr:`paths` of the photo that item `index` comes from (in ``"grid"`` mode several
+        tiles share one photo; otherwise item and photo are the same)."""
+        return self._grid[index][0] if self.mode == "grid" else index
+
     def __len__(self) -> int:
         return len(self._grid) if self.mode == "grid" else len(self.paths)
 

@@ -289,4 +289,5 @@ def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
         for k in ignored:
             delattr(args, k)
     args.recipe_overrides = given
+    args.script = parser.script  # which of the paper's models this trains (report.paper.model_kind)
     return args

@@ -17,12 +17,14 @@ from .judge import Judge
 
 @torch.no_grad()
 def detection_pass(encoder, judge: Judge, loader, conditions: dict, device, *, seed: int = 0, lpips_model=None,
-                   keep: int = 0, progress: Callable[[int], None] | None = None) -> dict:
+                   keep: int = 0, keep_mask: torch.Tensor | None = None,
+                   progress: Callable[[int], None] | None = None) -> dict:
     """Stamp every photo, judge it clean and stamped under every condition, and measure the stamp.
 
     Returns {"verdicts": {condition: (clean (N,), stamped (N,))}, "scores": {condition: (clean, stamped)},
     "psnr", "ssim", "lpips" (N,) tensors (lpips None without its weights), "kept": (clean, stamped) (K,3,H,W)
-    CPU tensors of the first `keep` photos}. Each condition's random draws are seeded by (seed, batch,
+    CPU tensors of the first `keep` images (of those where `keep_mask`, (N,) bool, is True: e.g. one tile per
+    photo, so that attacks and certification count photos)}. Each condition's random draws are seeded by (seed, batch,
     condition), so a rerun gives the same numbers. `progress(n)` is called after each batch of n photos.
 
     encoder None (a scanner-only model folder): only the clean photos are judged; every stamped tensor, and
@@ -34,8 +36,12 @@ def detection_pass(encoder, judge: Judge, loader, conditions: dict, device, *, s
     scores = {name: ([], []) for name in conditions}
     quality = {"psnr": [], "ssim": [], "lpips": []}
     kept_clean, kept_stamped = [], []
+    start = 0
     for b, x in enumerate(loader):
         x = x.to(device)
+        rows = (keep_mask[start:start + len(x)] if keep_mask is not None
+                else torch.ones(len(x), dtype=torch.bool)).to(x.device)
+        start += len(x)
         stamped = stamp(encoder, x) if encoder is not None else None
         if stamped is not None:
             quality["psnr"].append(peak_signal_noise_ratio(stamped, x, data_range=1.0, reduction="none",
@@ -52,10 +58,10 @@ def detection_pass(encoder, judge: Judge, loader, conditions: dict, device, *, s
                 v, s = judge(seen)
                 verdicts[name][i].append(v)
                 scores[name][i].append(s)
-        if sum(len(k) for k in kept_clean) < keep:
-            kept_clean.append(x.cpu())
+        if sum(len(k) for k in kept_clean) < keep and bool(rows.any()):
+            kept_clean.append(x[rows].cpu())
             if stamped is not None:
-                kept_stamped.append(stamped.cpu())
+                kept_stamped.append(stamped[rows].cpu())
         if progress:
             progress(x.shape[0])
     cat = lambda parts: torch.cat(parts) if parts else torch.empty(0)  # noqa: E731
@@ -98,6 +104,33 @@ def accuracy_row(clean_verdicts: torch.Tensor, stamped_verdicts: torch.Tensor,
     abstained = torch.cat([clean_verdicts, stamped_verdicts]).lt(0).double().mean().item()
     return {"acc_clean": acc_clean, "acc_stamped": acc_stamped, "acc": (acc_clean + acc_stamped) / 2,
             "abstain": abstained, "auc": auc(clean_scores, stamped_scores), "n": len(clean_verdicts)}
+
+
+def by_photo(verdicts: torch.Tensor, scores: torch.Tensor, photo_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile verdicts and scores (N,) → one verdict and score per photo (P,), in increasing photo id.
+
+    A platform that scans a photo tile by tile flags it when any tile is flagged, so a photo's score is the
+    maximum over its tiles, and its verdict STAMPED if any tile reads STAMPED, else ABSTAIN if any tile
+    abstained, else CLEAN (for the plain judge, verdict STAMPED iff score > 0, the same rule). Tiles of one
+    photo are not independent samples: every interval, calibration and "backed" claim counts these photos.
+    """
+    photos, inverse = torch.unique(photo_ids, return_inverse=True)
+    p = len(photos)
+    score = torch.full((p,), -math.inf, dtype=torch.float64).scatter_reduce(0, inverse, scores.double(), "amax")
+
+    def any_of(flags):
+        return torch.zeros(p, dtype=torch.long).scatter_reduce(0, inverse, flags.long(), "amax").bool()
+
+    verdict = torch.where(any_of(verdicts == STAMPED), STAMPED, torch.where(any_of(verdicts < 0), -1, CLEAN))
+    return verdict, score.to(scores.dtype)
+
+
+def photo_means(values: torch.Tensor, photo_ids: torch.Tensor) -> torch.Tensor:
+    """Per-tile values (N,) → the mean over each photo's tiles (P,), photos in photo_ids' sorted order."""
+    photos, inverse = torch.unique(photo_ids, return_inverse=True)
+    sums = torch.zeros(len(photos), dtype=torch.float64).index_add_(0, inverse, values.double())
+    counts = torch.zeros(len(photos), dtype=torch.float64).index_add_(0, inverse, torch.ones(len(values)).double())
+    return (sums / counts).to(values.dtype)
 
 
 def mean_std(values: torch.Tensor | None) -> dict:

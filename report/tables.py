@@ -10,9 +10,35 @@ import csv
 import math
 from pathlib import Path
 
-PAPER_NOTE = ("The paper's published numbers are not reproduced beside ours: this environment is offline and "
-              "the original repository shows them only as figures (figs/accuricies.png, figs/psnr_ssim.png, "
-              "figs/adversarial_robustness.png in xinghua-qu/DeepRAFT).")
+def paper_note(results: dict) -> str:
+    """Which of the paper's models the 'paper' columns are, and what differs from the paper's setting."""
+    p = results.get("paper") or {}
+    if not p.get("kind"):
+        return f"Paper columns: {p.get('note') or 'none'}."
+    differs = p.get("differences") or []
+    where = ("; this evaluation differs from the paper's setting (MIRFlickr-25k at 400×400, 200,000 steps, the "
+             "original code's training): " + "; ".join(differs) + ", so the columns are not like for like"
+             if differs else "; this is the paper's setting")
+    return (f"Paper columns: DeepRAFT [{p['name']}] of the paper (report/paper.py, transcribed from the original "
+            f"repository's figures){where}.")
+
+
+def _paper(results: dict) -> dict:
+    return results.get("paper") or {}
+
+
+def _paper_pct(value) -> str:
+    return "–" if value is None else f"{value:g}"
+
+
+def _paper_table3(results: dict, attack: str, eps_255: float):
+    """The paper's Table 3 accuracy (%) for this model's row, `attack` and ε, or None."""
+    p = _paper(results)
+    row = (p.get("table3") or {}).get(attack)
+    eps = p.get("eps_255") or []
+    if row is None or eps_255 not in eps:
+        return None
+    return row[eps.index(eps_255)]
 
 
 def pct(value) -> str:
@@ -31,7 +57,9 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
 
 
 def table1_rows(results: dict) -> list[dict]:
-    return [{"condition": name, **row} for name, row in results["table1"].items()]
+    paper = _paper(results).get("table1")
+    return [{"condition": name, **row, "paper_acc_pct": paper if name == "none" else None}
+            for name, row in results["table1"].items()]
 
 
 def table1_md(results: dict) -> str:
@@ -40,29 +68,35 @@ def table1_md(results: dict) -> str:
                 for r in table1_rows(results)]
         return _table(["condition", "clean read as clean %", "false positives %", "abstained %", "photos"], rows)
     rows = [[r["condition"], pct(r["acc_clean"]), pct(r["acc_stamped"]), pct(r["acc"]), pct(r["abstain"]),
-             num(r["auc"], 4)] for r in table1_rows(results)]
-    return _table(["condition", "clean %", "stamped %", "overall %", "abstained %", "ROC-AUC"], rows)
+             num(r["auc"], 4), str(r["n"]), _paper_pct(r["paper_acc_pct"])] for r in table1_rows(results)]
+    return _table(["condition", "clean %", "stamped %", "overall %", "abstained %", "ROC-AUC", "photos",
+                   "paper overall %"], rows)
 
 
-def table2_rows(results: dict) -> list[dict]:
+def table2_rows(results: dict, table: dict | None = None) -> list[dict]:
+    """Rows of Table 2 (`table`: results["table2"] by default, or the original protocol's) with the paper's."""
     rows = []
-    for metric, stats in results["table2"].items():
+    paper = _paper(results).get("table2") or {}
+    for metric, stats in (results["table2"] if table is None else table).items():
         if isinstance(stats, dict) and "mean" in stats:
-            rows.append({"metric": metric, **stats})
+            mean, std = paper.get(metric, (None, None))
+            rows.append({"metric": metric, **stats, "paper_mean": mean, "paper_std": std})
     return rows
 
 
-def table2_md(results: dict) -> str:
+def table2_md(results: dict, table: dict | None = None, unit: str = "photos") -> str:
     digits = {"psnr": 2, "ssim": 4, "lpips": 4}
     rows = []
-    for r in table2_rows(results):
+    for r in table2_rows(results, table):
         d = digits.get(r["metric"], 4)
         value = "n/a" if r["n"] == 0 else f"{num(r['mean'], d)} ± {num(r['std'], d)}"
+        paper = "–" if r["paper_mean"] is None else f"{r['paper_mean']:g} ± {r['paper_std']:g}"
         rows.append([{"psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓"}.get(r["metric"], r["metric"]),
-                     value, str(r["n"])])
-    text = _table(["metric", "mean ± std", "photos"], rows)
-    if results["table2"].get("lpips_note"):
-        text += f"\n\nLPIPS: {results['table2']['lpips_note']}"
+                     value, str(r["n"]), paper])
+    text = _table(["metric", "mean ± std", unit, "paper"], rows)
+    note = results["table2"].get("lpips_note")
+    if note:
+        text += f"\n\nLPIPS: {note}"
     return text
 
 
@@ -71,19 +105,53 @@ def table3_rows(results: dict) -> list[dict]:
     table3 = results.get("table3") or {}
     for attack, by_eps in table3.get("attacks", {}).items():
         for row in by_eps.values():
-            rows.append({"attack": attack, "eps_255": row["eps"] * 255, **row})
+            eps_255 = round(row["eps"] * 255, 6)
+            rows.append({"attack": attack, "eps_255": eps_255, **row,
+                         "paper_acc_pct": _paper_table3(results, attack, eps_255)})
     return rows
 
 
 def table3_md(results: dict) -> str:
     t3 = results["table3"]
     none = t3["no_attack"]
-    rows = [["no attack", "0", pct(none["acc_clean"]), pct(none["acc_stamped"]), pct(none["acc"]), "–", "–"]]
+    rows = [["no attack", "0", pct(none["acc_clean"]), pct(none["acc_stamped"]), pct(none["acc"]), "–", "–", "–"]]
     for r in table3_rows(results):
         rows.append([r["attack"], f"{r['eps_255']:g}/255", pct(r.get("acc_clean")), pct(r.get("acc_stamped")),
-                     pct(r.get("acc")), pct(r.get("forgery_success")), pct(r.get("removal_success"))])
+                     pct(r.get("acc")), pct(r.get("forgery_success")), pct(r.get("removal_success")),
+                     _paper_pct(r["paper_acc_pct"])])
     return _table(["attack", "ε (L∞)", "clean %", "stamped %", "overall %", "forgery success %",
-                   "removal success %"], rows, "llrrrrr")
+                   "removal success %", "paper overall %"], rows, "llrrrrrr")
+
+
+def original_table3_rows(results: dict) -> list[dict]:
+    """The original protocol's Table 3 (report.original_protocol.original_attack_table), one row per attack and ε."""
+    table3 = (results.get("original") or {}).get("table3") or {}
+    rows = []
+    for attack, by_eps in table3.get("attacks", {}).items():
+        for row in by_eps.values():
+            eps_255 = round(row["eps"] * 255, 6)
+            rows.append({"attack": attack, "eps_255": eps_255, **row,
+                         "paper_acc_pct": _paper_table3(results, attack, eps_255)})
+    return rows
+
+
+def original_table3_md(results: dict) -> str:
+    rows = [[r["attack"], f"{r['eps_255']:g}/255", pct(r["acc_clean"]), pct(r["acc_stamped"]), pct(r["acc"]),
+             _paper_pct(r["paper_acc_pct"])] for r in original_table3_rows(results)]
+    return _table(["attack", "ε (L∞)", "clean %", "stamped %", "overall %", "paper overall %"], rows, "llrrrr")
+
+
+def original_table1_rows(results: dict) -> list[dict]:
+    original = results.get("original") or {}
+    paper = _paper(results).get("table1")
+    return [{"condition": name, **row, "paper_acc_pct": paper if name == "none" else None}
+            for name, row in (original.get("table1") or {}).items()]
+
+
+def original_table1_md(results: dict) -> str:
+    rows = [[r["condition"], pct(r["acc_clean"]), pct(r["acc_stamped"]), pct(r["acc"]), str(r["n"]),
+             _paper_pct(r["paper_acc_pct"])] for r in original_table1_rows(results)]
+    return _table(["condition", "clean %", "stamped %", "overall %", "photos", "paper overall %"], rows)
 
 
 def calibration_md(results: dict) -> str:
@@ -143,8 +211,26 @@ def render_markdown(results: dict) -> str:
         parts += ["## Certified accuracy (randomized smoothing)", certification_md(results),
                   f"σ {c['sigma']}, n0 {c['n0']}, n {c['n']}, alpha {c['alpha']}, {c['images']} photos clean "
                   f"and stamped; abstentions count as wrong."]
-    parts.append(PAPER_NOTE)
+    if results.get("original"):
+        parts += original_md(results)
+    parts.append(paper_note(results))
     return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def original_md(results: dict) -> list[str]:
+    """The original protocol's section of tables.md: how the original code scored, so that the paper's numbers
+    can stand beside ours."""
+    o = results["original"]
+    parts = ["## The original protocol",
+             "How the original code scored its models, and so how the paper's numbers were made (README, "
+             "Evaluation): no vote and no abstention, attacks on the base scanner without noise.",
+             "### Table 1 (original protocol)", original_table1_md(results), f"Judged by {o['table1_judge']}."]
+    if o.get("table2"):
+        parts += ["### Table 2 (original protocol)", table2_md(results, o["table2"], unit="batches"),
+                  o["table2"].get("note", "")]
+    if o.get("table3"):
+        parts += ["### Table 3 (original protocol)", original_table3_md(results), o["table3"].get("note", "")]
+    return parts
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -161,6 +247,9 @@ def write_csvs(results: dict, out: Path) -> list[Path]:
     """table1.csv, table2.csv, table3.csv, calibration.csv, certification.csv (those that apply)."""
     written = []
     tables = {"table1": table1_rows(results), "table2": table2_rows(results), "table3": table3_rows(results),
+              "original_table1": original_table1_rows(results),
+              "original_table2": table2_rows(results, (results.get("original") or {}).get("table2") or {}),
+              "original_table3": original_table3_rows(results),
               "calibration": [{k: v for k, v in p.items() if k != "tpr_ci"} | {"tpr_ci_low": p["tpr_ci"][0],
                                                                                  "tpr_ci_high": p["tpr_ci"][1]}
                               for p in (results["calibration"] or {}).get("operating_points", [])]}

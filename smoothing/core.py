@@ -32,6 +32,61 @@ def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
     return float(beta.ppf(alpha, k, n - k + 1))
 
 
+def threshold_radius(votes: int, n: int, threshold: float, sigma: float, alpha: float = 0.001,
+                     above: bool = True) -> float:
+    """Certified L2 radius of a smoothed decision at any threshold t: "p > t" (above=True) or "p ≤ t" (above=False).
+
+    p(x) = P(f(x + ε) = c), ε ~ N(0, σ²I), is the probability that the base classifier f answers the class c
+    (for scan.py: STAMPED), and `votes` of `n` noisy copies, drawn independently of whatever chose the side,
+    were c. The radius R is such that, with probability at least 1 - alpha over those n copies, the decision
+    holds at every x + δ with ‖δ‖₂ < R (R in the units of σ: [0,1] pixel values).
+
+    Why (Salman et al., NeurIPS 2019, Lemma 2; the core of Cohen et al.'s Theorem 1): for any h: ℝᵈ → [0,1],
+    x ↦ Φ⁻¹(E h(x + ε)) is 1/σ-Lipschitz. Applied to h = 1[f = c], and to h = 1[f ≠ c] with q = 1 - p:
+
+        "p > t" holds within R = σ·(Φ⁻¹(p_lower) − Φ⁻¹(t)),        certified when p_lower > t;
+        "p ≤ t" holds within R = σ·(Φ⁻¹(t) − Φ⁻¹(p_upper))
+                              = σ·(Φ⁻¹(q_lower) − Φ⁻¹(1 − t)),   certified when q_lower > 1 − t,
+
+    where p_lower is the one-sided (1 - alpha) Clopper–Pearson lower bound on p from `votes` of n, q_lower the
+    same bound on q from n − votes, and p_upper = 1 − q_lower the Clopper–Pearson upper bound on p. The second
+    form is the one computed, so that at t = ½ (Φ⁻¹(½) = 0) both sides are exactly Cohen's σ·Φ⁻¹(pA), bit for
+    bit what Smooth.certify returns for the same counts when it certifies that side.
+
+    Args:
+        votes: how many of the n noisy copies f answered c (0 ≤ votes ≤ n).
+        n: noisy copies counted (≥ 1).
+        threshold: t in [0, 1].
+        sigma: noise standard deviation σ > 0.
+        alpha: failure probability in (0, 1).
+        above: True to certify "p > t", False for "p ≤ t".
+
+    Returns:
+        R ≥ 0; 0.0 when the bound does not clear the threshold (nothing certified); inf when the decision cannot
+        change anywhere ("p > 0" with p_lower > 0, or "p ≤ 1").
+    """
+    n, alpha = _check_count("n", n), _check_alpha(alpha)
+    votes = operator.index(votes)
+    if not 0 <= votes <= n:
+        raise ValueError(f"threshold_radius: votes must be in [0, n = {n}], got {votes}")
+    threshold, sigma = float(threshold), float(sigma)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold_radius: threshold must be in [0, 1], got {threshold}")
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"threshold_radius: sigma must be a finite noise standard deviation > 0, got {sigma}")
+    if above:
+        bound, level = lower_confidence_bound(votes, n, alpha), threshold
+    else:
+        if threshold >= 1.0:
+            return math.inf  # "p ≤ 1" holds everywhere
+        bound, level = lower_confidence_bound(n - votes, n, alpha), 1.0 - threshold
+    if bound <= level:
+        return 0.0
+    if level <= 0.0:
+        return math.inf  # Gaussian smoothing keeps a positive probability positive everywhere
+    return sigma * (float(norm.ppf(bound)) - float(norm.ppf(level)))
+
+
 #: On CPU, Smooth hands the scanner at most this many pixels at once (8 images of 400×400), however large the
 #: batch. Activations of a larger call are tensors of hundreds of MB, which the C allocator maps fresh from the
 #: kernel (above its 32 MB mmap threshold) and faults in page by page on every call: with the narrow scanner at
@@ -151,8 +206,11 @@ class Smooth:
         Args:
             x: one image, (3,H,W) or (1,3,H,W), in [0,1].
             n0: selection samples (≥ 1); the paper's 100.
-            n: estimation samples (≥ 1); the paper's 100,000. With nA = n the radius is σ·Φ⁻¹(alpha^(1/n)), so
-                n caps the largest radius that can be certified (n = 100,000, alpha = 0.001: 4.0·σ).
+            n: estimation samples (≥ 1); the paper's 100,000. n caps the largest radius that can be certified:
+                with nA = n the one-sided Clopper–Pearson bound is pA = alpha^(1/n) (`beta.ppf(alpha, n, 1)`),
+                so the radius is at most σ·Φ⁻¹(alpha^(1/n)): at n = 100,000 and alpha = 0.001,
+                pA = 0.99993092 and the largest radius is 3.81·σ (Φ⁻¹ = 3.8115); at n = 10,000, 3.20·σ; at
+                n = 1,000, 2.46·σ.
             alpha: failure probability in (0,1); the paper's 0.001.
             batch_size: noisy copies drawn and classified at once (≥ 1); see predict.
             generator: a torch.Generator for reproducible noise; None uses torch's global one.

@@ -1,0 +1,269 @@
+"""scan.py's checks (issue 15): the calibration's settings against scan.py's, certificates that agree with the
+verdict, and the largest radius CERTIFY can give. Tiny untrained models and stub scanners: CPU, no network."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import beta, norm
+from torch import nn
+
+import scan
+from conftest import cli
+from models import STAMPED, Scanner, ScannerConfig, StampEncoder, StampEncoderConfig, save_pretrained
+from smoothing import Smooth, lower_confidence_bound
+from smoothing.core import threshold_radius
+
+SIGMA = 0.25
+
+
+# ---------------------------------------------------------------- the calibration's settings against scan.py's
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Two tiny untrained model folders (smoothed at σ 0.25, and plain) and one 40×30 photo."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    encoder = StampEncoder(StampEncoderConfig(width=0.25))
+    scanner = Scanner(ScannerConfig("narrow"))
+    smoothed = save_pretrained(root / "smoothed", encoder, scanner, extra={"sigma": SIGMA})
+    plain = save_pretrained(root / "plain", encoder, scanner)
+    photo = root / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(photo)
+    return smoothed, plain, photo
+
+
+def calibrate(folder, **keys):
+    """Write folder/calibration.json in evaluate.py's write_calibration schema (with its new keys)."""
+    smoothed = "predict_n" in keys
+    record = {"score": scan.SMOOTHED_SCORE if smoothed else scan.PLAIN_SCORE, "judge": "smoothed" if smoothed
+              else "plain", "sigma": SIGMA if smoothed else None, "target_fpr": 0.01, "threshold": 0.5 if smoothed
+              else 0.0, "n_clean": 10, "backed": False, "alpha": 0.001, "predict_n": None, **keys}
+    (folder / "calibration.json").write_text(json.dumps(record))
+    return folder / "calibration.json"
+
+
+def run_scan(folder, photo, capsys, *flags):
+    """scan.py --json on one photo → (its record, the stderr lines that are notes)."""
+    code, out, err = cli(scan, ["--model", folder, photo, "--json", "--batch_size", "20", "--device", "cpu",
+                                *flags], capsys)
+    assert code == 0, err
+    return json.loads(out), [line for line in err.splitlines() if line.startswith("note:")]
+
+
+def test_a_calibration_with_another_n_and_working_size_is_named_in_one_line(folders, capsys):
+    smoothed, _, photo = folders
+    path = calibrate(smoothed, predict_n=1000, working_size=64, fitted_to=None, size=None)
+    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "32")
+    assert notes == [f"note: {path} was made with n 1000 at working size 64; scan.py uses n 20 at working size "
+                     f"32: the calibrated false-positive rate may not hold"]
+    assert record["calibrated"] is True and record["calibration_differs"] == ["n", "working_size"]
+    # only n differs
+    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "64")
+    assert len(notes) == 1 and "with n 1000;" in notes[0] and "uses n 20:" in notes[0]
+    assert record["calibration_differs"] == ["n"]
+
+
+def test_a_calibration_that_matches_is_not_reported(folders, capsys):
+    smoothed, plain, photo = folders
+    calibrate(smoothed, predict_n=20, working_size=64, fitted_to=None, size=None)
+    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "64")
+    assert notes == [] and record["calibrated"] is True and "calibration_differs" not in record
+    # a calibration written before "working_size" existed, on whole photos at native resolution ("size" 0)
+    calibrate(smoothed, predict_n=20, size=0)
+    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "0")
+    assert notes == [] and "calibration_differs" not in record
+    # a plain scanner has no n to compare: its calibration's predict_n is null
+    calibrate(plain, working_size=512, fitted_to=None, size=None)
+    record, notes = run_scan(plain, photo, capsys)  # --working_size defaults to 512
+    assert notes == [] and record["calibrated"] is True and "calibration_differs" not in record
+
+
+def test_a_calibration_on_tiles_or_at_native_resolution_is_named(folders, capsys):
+    smoothed, plain, photo = folders
+    path = calibrate(plain, size=400)  # evaluate.py scored 400×400 tiles: no "working_size"
+    record, notes = run_scan(plain, photo, capsys, "--working_size", "512")
+    assert notes == [f"note: {path} was made on 400×400 tiles, not at a working resolution; scan.py scans at "
+                     f"working size 512: the calibrated false-positive rate may not hold"]
+    assert record["calibration_differs"] == ["working_size"]
+    calibrate(smoothed, predict_n=50, size=0, working_size=0)
+    _, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "512")
+    assert len(notes) == 1 and "made with n 50 at native resolution; scan.py uses n 20 at working size 512" in notes[0]
+
+
+def test_settings_of_an_unused_calibration_are_not_compared(folders, capsys):
+    smoothed, _, photo = folders
+    calibrate(smoothed, predict_n=1000, working_size=64, sigma=0.5)  # another σ: not used at all
+    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "32")
+    assert record["calibrated"] is False and "calibration_differs" not in record
+    assert len(notes) == 1 and "calibrates" in notes[0] and "uncalibrated" in notes[0]
+    calibrate(smoothed, predict_n=1000, working_size=64)  # --threshold wins: the calibration is not used
+    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "32", "--threshold", "0.5")
+    assert notes == [] and "calibration_differs" not in record
+
+
+def test_the_fitted_square_of_a_fixed_input_scanner_is_compared():
+    cal = {"fitted_to": 400, "working_size": None, "size": 400, "predict_n": None}
+    assert scan.calibration_differences(cal, None, ("fitted", 400)) == []
+    assert scan.calibration_differences({"working_size": 512}, None, ("fitted", 400)) == [
+        ("working_size", "at working size 512", "on photos fitted to 400×400")]
+    assert scan.calibration_differences(cal, None, ("working", 512)) == [
+        ("working_size", "on photos fitted to 400×400", "at working size 512")]
+
+
+# ---------------------------------------------------------------- certificates agree with the verdict
+class PixelScanner(nn.Module):
+    """Reads "stamped" iff the top-left red value of its input exceeds CUT: on a flat grey image of value v under
+    noise N(0, σ²) it votes stamped with probability P = 1 − Φ((CUT − v)/σ), known exactly."""
+
+    CUT = 0.5
+    input_size = None
+
+    def forward(self, x):
+        stamped = (x[:, 0, 0, 0] > self.CUT).float()
+        return torch.stack([1 - stamped, stamped], dim=1)
+
+
+def grey_value(p):
+    """The 8-bit grey level closest to one where PixelScanner votes stamped with probability p."""
+    return round(255 * (PixelScanner.CUT + SIGMA * norm.ppf(p)))
+
+
+@pytest.fixture(scope="module")
+def greys(tmp_path_factory):
+    """Flat 16×16 grey photos whose vote shares straddle the thresholds 0.3, 0.5 and 0.9."""
+    folder = tmp_path_factory.mktemp("greys")
+    for p in (0.05, 0.2, 0.4, 0.6, 0.8, 0.97):
+        Image.fromarray(np.full((16, 16, 3), grey_value(p), np.uint8)).save(folder / f"p{p}.png")
+    return folder
+
+
+def expected_radius(votes, n, t, stamped, alpha=0.001):
+    """The radius computed with scipy directly: σ·(Φ⁻¹(p_lower) − Φ⁻¹(t)) for a stamped verdict,
+    σ·(Φ⁻¹(q_lower) − Φ⁻¹(1 − t)) for a clean one (q = 1 − p), 0 when the bound does not clear."""
+    k, level = (votes, t) if stamped else (n - votes, 1 - t)
+    bound = float(beta.ppf(alpha, k, n - k + 1)) if k else 0.0
+    return SIGMA * (float(norm.ppf(bound)) - float(norm.ppf(level))) if bound > level else 0.0
+
+
+@pytest.mark.parametrize("t", [0.3, 0.5, 0.9])
+def test_a_certificate_is_always_about_the_verdict(t, greys, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(scan, "load_model", lambda path, device: (tmp_path, None, {}, None, PixelScanner(),
+                                                                  {"sigma": SIGMA}))
+    n = 400
+    flags = ["--model", "M", greys, "--n", str(n), "--certify", "--threshold", str(t), "--device", "cpu",
+             "--batch_size", "400", "--seed", "3"]
+    code, out, _ = cli(scan, [*flags, "--json"], capsys)
+    assert code == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 6
+    certified = 0
+    for r in records:
+        grey = grey_value(float(r["path"].rsplit("/p", 1)[1][:-len(".png")])) / 255
+        p = 1 - norm.cdf((PixelScanner.CUT - grey) / SIGMA)  # the stub's probability of a stamped vote
+        if r["verdict"] == "abstain":
+            assert (r["certified"], r["radius"]) == (False, 0.0)
+            continue
+        votes = r["certify_votes"]
+        assert abs(votes / n - p) < 5 * math.sqrt(p * (1 - p) / n) + 1 / n  # the stub votes as designed
+        stamped = r["verdict"] == "stamped"
+        radius = expected_radius(votes, n, t, stamped)
+        assert r["radius"] == radius  # exact: the same scipy calls in the same order
+        assert r["radius"] == threshold_radius(votes, n, t, SIGMA, 0.001, above=stamped)
+        if r["radius"] > 0:
+            certified += 1
+            assert r["certified"] == r["verdict"]
+            assert f"the {r['verdict']} verdict" in r["certificate"]
+            assert "holds for every L2 perturbation of norm <" in r["certificate"]
+            # the brief's form for a clean verdict: σ·(Φ⁻¹(t) − Φ⁻¹(p_upper)), Clopper–Pearson upper bound
+            if not stamped:
+                upper = float(beta.ppf(1 - 0.001, votes + 1, n - votes)) if votes < n else 1.0
+                assert r["radius"] == pytest.approx(SIGMA * (norm.ppf(t) - norm.ppf(upper)), rel=1e-9)
+        else:
+            assert (r["certified"], r["radius"]) == (False, 0.0) and "does not clear" in r["certificate"]
+    assert certified >= 3  # stamped and clean verdicts far from t are certified at every threshold
+    # the human-readable lines say the same
+    code, out, _ = cli(scan, flags, capsys)
+    for line in out.splitlines():
+        verdict = line.split(": ", 1)[1].split(" ", 1)[0].lower()
+        certificate = line.split("; certified: ", 1)[1]
+        assert certificate.startswith(f"the {verdict} verdict") or certificate.startswith("false, radius 0")
+
+
+def test_at_one_half_the_radius_is_cohens_for_the_same_counts():
+    class Counted(Smooth):
+        """Smooth whose selection and estimation counts are given."""
+
+        def __init__(self, draws):
+            super().__init__(PixelScanner(), SIGMA)
+            self.draws = iter(draws)
+
+        def _sample_counts(self, x, num, batch_size, generator=None):
+            return next(self.draws)
+
+    x = torch.zeros(3, 4, 4)
+    n = 1000
+    for votes in (0, 1, 300, 450, 480, 520, 550, 700, 999, 1000):
+        for cls in (0, STAMPED):
+            counts = torch.tensor([n - votes, votes])
+            selection = torch.tensor([0, 10]) if cls == STAMPED else torch.tensor([10, 0])
+            cohen_class, cohen_radius = Counted([selection, counts]).certify(x, n0=10, n=n, alpha=0.001)
+            ours = threshold_radius(votes, n, 0.5, SIGMA, 0.001, above=cls == STAMPED)
+            assert ours == cohen_radius, (votes, cls)  # exact
+            assert (ours > 0) == (cohen_class == cls and cohen_radius > 0)
+
+
+def test_threshold_radius_edges():
+    assert threshold_radius(0, 100, 0.5, SIGMA, above=True) == 0.0
+    assert threshold_radius(100, 100, 1.0, SIGMA, above=True) == 0.0  # "p > 1" never holds
+    assert threshold_radius(100, 100, 1.0, SIGMA, above=False) == math.inf  # "p ≤ 1" always does
+    assert threshold_radius(1, 100, 0.0, SIGMA, above=True) == math.inf  # p > 0 stays > 0 under smoothing
+    assert threshold_radius(0, 100, 0.0, SIGMA, above=False) == 0.0
+    # the decision "p > t" gets a smaller radius as t rises
+    radii = [threshold_radius(900, 1000, t, SIGMA, above=True) for t in (0.3, 0.5, 0.7, 0.85)]
+    assert radii == sorted(radii, reverse=True) and radii[-1] > 0
+    assert threshold_radius(900, 1000, 0.9, SIGMA, above=True) == 0.0
+    for bad in (dict(votes=101), dict(threshold=1.5), dict(sigma=0.0)):
+        with pytest.raises(ValueError):
+            threshold_radius(**{"votes": 50, "n": 100, "threshold": 0.5, "sigma": SIGMA, **bad})
+
+
+# ---------------------------------------------------------------- the largest radius CERTIFY can give
+def test_the_largest_radius_in_the_docstring_is_right():
+    n, alpha = 100_000, 0.001
+    p_a = float(beta.ppf(alpha, n, 1))
+    assert p_a == pytest.approx(alpha ** (1 / n), rel=1e-12) and p_a == lower_confidence_bound(n, n, alpha)
+    assert round(float(norm.ppf(p_a)), 2) == 3.81
+    assert round(float(norm.ppf(beta.ppf(alpha, 10_000, 1))), 2) == 3.20
+    assert round(float(norm.ppf(beta.ppf(alpha, 1_000, 1))), 2) == 2.46
+    doc = " ".join(Smooth.certify.__doc__.split())
+    assert "alpha = 0.001, pA = 0.99993092 and the largest radius is 3.81·σ" in doc
+    assert "4.0" not in doc
+    assert f"{p_a:.8f}" == "0.99993092"
+
+
+def test_a_bound_that_does_not_clear_the_threshold_certifies_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(scan, "load_model", lambda path, device: (tmp_path, None, {}, None, PixelScanner(),
+                                                                  {"sigma": SIGMA}))
+    args = scan.build_parser().parse_args(["--model", "M", "x.png", "--n", "400", "--certify", "--threshold",
+                                           "0.9", "--device", "cpu"])
+    scanner = scan.PhotoScanner(args, log=lambda *_: None)
+    x = torch.zeros(3, 4, 4)
+    for votes, certified in ((380, "stamped"), (365, False)):  # p_lower 0.907 > 0.9; 0.860 < 0.9
+        monkeypatch.setattr(scanner.smooth, "counts", lambda *a, v=votes: torch.tensor([400 - v, v]))
+        c = scanner.certify(x, STAMPED, 0.9)
+        assert c["certified"] == certified and c["certify_votes"] == votes
+        assert c["radius"] == expected_radius(votes, 400, 0.9, stamped=True) and (c["radius"] > 0) == bool(certified)
+        record = {"path": "x.png", "verdict": "stamped", "score": 0.95, "threshold": 0.9, "votes": 380, "n": 400, **c}
+        line = scanner.line(record)
+        assert ("; certified: the stamped verdict (P(stamped) > 0.9) holds for every L2 perturbation of norm <" in line
+                if certified else line.endswith(f"; certified: false, radius 0 (none: the lower confidence bound on "
+                                                f"P(stamped) from {votes} of 400 fresh votes does not clear the "
+                                                f"threshold 0.9 at alpha 0.001)"))
+    # a clean verdict is certified on its own side, never as stamped
+    monkeypatch.setattr(scanner.smooth, "counts", lambda *a: torch.tensor([100, 300]))
+    c = scanner.certify(x, 1 - STAMPED, 0.9)
+    assert c["certified"] == "clean" and c["radius"] == expected_radius(300, 400, 0.9, stamped=False) > 0
+    assert scanner.certify(x, scan.ABSTAIN, 0.9) == {"certified": False, "radius": 0.0, "certificate":
+                                                     "none: the verdict abstains, so there is no verdict to certify"}
