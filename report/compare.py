@@ -43,7 +43,13 @@ def _stats(table: dict | None, metric: str) -> str:
     if not stats or not stats.get("n"):
         return "–"
     d = 2 if metric == "psnr" else 4
-    return f"{num(stats['mean'], d)} ± {num(stats['std'], d)}"
+    return f"{num(stats['mean'], d)} ± {num(stats['std'], d)} (n {stats['n']})"
+
+
+def _settings(results: dict) -> str:
+    s = results["settings"]
+    return (f"{s['judge']}; {s['images']} {s['size_text']} from {s['photos']} photos of {s['data']}; "
+            f"{'quick' if s.get('quick') else 'full'} settings; seed {s.get('seed')}")
 
 
 def compare(paths: list, out: Path) -> Path:
@@ -92,14 +98,16 @@ def compare(paths: list, out: Path) -> Path:
                  [[x["model"], x["paper_row"], pct(x["strict"]), pct(x["original"]),
                    "–" if x["paper_pct"] is None else f"{x['paper_pct']:g}", str(x["photos"])] for x in t1]),
           "## Table 2: imperceptibility",
-          _table(["model", "paper row", "metric", "ours, strict (per photo)", "ours, original (per batch)", "paper"],
+          _table(["model", "paper row", "metric", "ours, strict (n photos)", "ours, original (n batches)", "paper"],
                  [[x["model"], x["paper_row"], x["metric"], x["strict"], x["original"], x["paper"]] for x in t2]),
           "## Table 3: accuracy under L∞ attacks",
           _table(["model", "paper row", "attack", "ε", "ours, strict", "ours, original", "paper"],
                  [[x["model"], x["paper_row"], x["attack"], f"{x['eps_255']:g}/255", pct(x["strict"]),
                    pct(x["original"]), f"{x['paper_pct']:g}"] for x in t3], "lllrrrr"),
           "## How each evaluation differs from the paper's setting",
-          "\n".join(f"- {path}: " + ("; ".join(d) if d else "the paper's setting") for path, d in differences.items())]
+          "\n".join(f"- {path}: " + ("; ".join(d) if d else "the paper's setting") for path, d in differences.items()),
+          "## Settings of each evaluation",
+          "\n".join(f"- {e['path']}: {_settings(e['data'])} ({e['results']})" for e in entries)]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n\n".join(md) + "\n")

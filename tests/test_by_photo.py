@@ -76,3 +76,76 @@ def test_certify_noise_is_independent_of_predict_noise(tiled, tmp_path, monkeypa
     certify = torch.randn(1000, generator=torch.Generator().manual_seed(seen["seed"]))
     assert abs(float(torch.corrcoef(torch.stack([predict, certify]))[0, 1])) < 0.15  # no shared draws
     assert not torch.equal(predict[:10], certify[:10])
+
+
+# ------------------------------------------------------------------------------- the two protocols, side by side
+def _evaluate(tiled, out, *flags):
+    """evaluate.py --quick on the three tiled photos with tiny attacks; later flags override earlier ones."""
+    return evaluate.main(["--checkpoint", str(tiled / "model"), "--data_path", str(tiled), "--quick", "--size", "32",
+                          "--max_images", "6", "--device", "cpu", "--out", str(out), "--eps", "8",
+                          "--original_eps", "8", "--attack_images", "2", "--apgd_iters", "2", "--square_queries",
+                          "4", "--paper_row", "rs", *flags])
+
+
+@pytest.fixture(scope="module")
+def both(tiled, tmp_path_factory):
+    out = tmp_path_factory.mktemp("both")
+    return out, _evaluate(tiled, out, "--judge", "smoothed", "--sigma", "0.5", "--predict_n", "16", "--passes",
+                          "16", "--certify_images", "0")
+
+
+def test_both_protocols_are_written_with_the_paper_beside_them(both):
+    out, results = both
+    assert results["protocol"] == "both" and results["table3"] and results["original"]["table3"]
+    original = results["original"]["table1"]["none"]
+    strict = results["table1"]["none"]
+    assert original["n"] == strict["n"] == 3 and 0 <= original["acc"] <= 1
+    assert results["paper"]["kind"] == "rs" and results["paper"]["table3_row"] == "rs_0.5"
+    assert results["paper"]["table3"]["apgd-ce"][2] == 71.22  # RS σ = 0.5, APGD-CE at 8/255
+    md = (out / "tables.md").read_text()
+    assert "## The original protocol" in md and "paper overall %" in md and "| apgd-ce | 8/255 |" in md
+    assert "71.22" in md and "not MIRFlickr-25k" in md
+    for name in ("original_table1.csv", "original_table2.csv", "original_table3.csv"):
+        assert (out / name).is_file(), name
+    assert "noise" in results["original"]["table3"]["attacks"] and "pgd-40" in results["original"]["table3"]["attacks"]
+
+
+def test_original_table1_is_the_mean_vote_share_of_the_detection_pass(tiled, tmp_path, monkeypatch):
+    captured = {}
+    real = evaluate.Evaluation.detection
+
+    def detection(self):
+        real(self)
+        captured["pass"], captured["ids"] = self.pass_, self.photo_ids
+
+    monkeypatch.setattr(evaluate.Evaluation, "detection", detection)
+    results = _evaluate(tiled, tmp_path / "ev", "--judge", "smoothed", "--sigma", "0.5", "--predict_n", "16",
+                        "--attack_images", "0", "--certify_images", "0", "--protocol", "original")
+    (sc, ss) = captured["pass"]["scores"]["none"]
+    clean = photo_means(1 - sc.double(), captured["ids"]).mean().item()
+    stamped = photo_means(ss.double(), captured["ids"]).mean().item()
+    row = results["original"]["table1"]["none"]
+    assert row["acc_clean"] == pytest.approx(clean) and row["acc_stamped"] == pytest.approx(stamped)
+    assert results["table3"] is None and results["certification"] is None  # strict stages skipped
+
+
+def test_strict_protocol_writes_no_original_section(tiled, tmp_path):
+    results = _evaluate(tiled, tmp_path / "ev", "--protocol", "strict", "--attack_images", "0")
+    assert results["original"] is None
+    assert "## The original protocol" not in (tmp_path / "ev" / "tables.md").read_text()
+
+
+def test_compare_assembles_the_papers_tables(both, tiled, tmp_path, capsys):
+    out, _ = both
+    plain = _evaluate(tiled, tmp_path / "plain", "--paper_row", "plain", "--protocol", "both")
+    assert plain["paper"]["kind"] == "plain"
+    evaluate.main(["--compare", str(out / "results.json"), str(tmp_path / "plain"), "--out", str(tmp_path / "c.md")])
+    md = (tmp_path / "c.md").read_text()
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert "## Table 1" in md and "## Table 3" in md and "71.22" in md
+    assert {row["paper_row"] for row in data["table3"]} == {"rs_0.5", "plain"}
+    assert len(data["table3"]) == 2 * 3 * 5  # two models × three attacks × five budgets
+    assert [row["paper_pct"] for row in data["table1"] if row["paper_row"] == "Plain"] == [100.0]
+    with pytest.raises(SystemExit):
+        evaluate.main(["--compare", str(tmp_path / "nowhere")])
+    assert "no results.json found" in capsys.readouterr().err
