@@ -100,9 +100,11 @@ def table2_md(results: dict, table: dict | None = None, unit: str = "photos") ->
     return text
 
 
-def table3_rows(results: dict) -> list[dict]:
+def table3_rows(results: dict, table3: dict | None = None) -> list[dict]:
+    """One row per attack and ε of Table 3 (`table3`: results["table3"] by default, or the original protocol's),
+    with the paper's accuracy for this model's row where it has one."""
     rows = []
-    table3 = results.get("table3") or {}
+    table3 = (results.get("table3") if table3 is None else table3) or {}
     for attack, by_eps in table3.get("attacks", {}).items():
         for row in by_eps.values():
             eps_255 = round(row["eps"] * 255, 6)
@@ -125,14 +127,7 @@ def table3_md(results: dict) -> str:
 
 def original_table3_rows(results: dict) -> list[dict]:
     """The original protocol's Table 3 (report.original_protocol.original_attack_table), one row per attack and ε."""
-    table3 = (results.get("original") or {}).get("table3") or {}
-    rows = []
-    for attack, by_eps in table3.get("attacks", {}).items():
-        for row in by_eps.values():
-            eps_255 = round(row["eps"] * 255, 6)
-            rows.append({"attack": attack, "eps_255": eps_255, **row,
-                         "paper_acc_pct": _paper_table3(results, attack, eps_255)})
-    return rows
+    return table3_rows(results, (results.get("original") or {}).get("table3") or {})
 
 
 def original_table3_md(results: dict) -> str:

@@ -1,6 +1,7 @@
-"""Shared by the tests that run the training scripts: tiny flags and a folder of photos made here."""
+"""Shared by the tests: tiny training flags, a folder of photos made here, a script runner, one-thread runs."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 #: Flags that make a training run take seconds on CPU: 32 px crops, tiny networks, no LPIPS download attempt.
@@ -40,3 +41,12 @@ def cli(module, argv, capsys):
         code = e.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one thread (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

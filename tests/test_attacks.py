@@ -26,13 +26,8 @@ def photos(n: int, generator: torch.Generator) -> torch.Tensor:
     return x
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from a second thread, and on shared cores two threads can be 5× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: Tensors this small gain nothing from a second thread, and on shared cores two threads can be 5× slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

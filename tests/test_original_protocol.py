@@ -25,13 +25,8 @@ B = 0.5  # the stub's threshold on the mean pixel value
 TOL_SD = 5  # tolerances in binomial standard deviations: a false failure has probability < 1e-5 per comparison
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tensors this small gain nothing from a second thread, and on shared cores two threads can be 5× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: Tensors this small gain nothing from a second thread, and on shared cores two threads can be 5× slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MeanScanner(nn.Module):
