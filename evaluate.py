@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"photos certified, each clean and stamped (default {FULL['certify_images']}; "
                         f"{QUICK['certify_images']} quick; 0 skips certification)")
     s.add_argument("--noise_batch", type=positive_int, default=200, help="noisy copies classified at once")
+    s.add_argument("--sequential", choices=("on", "off"), default="on",
+                   help="on: sequential PREDICT, which stops at the first decisive look (32, 128, 512, … copies, up "
+                        "to --predict_n) with the same bound alpha on a wrong verdict, and judges the photos of a "
+                        "batch in shared forward passes; off: Cohen's fixed-n PREDICT")
 
     a = p.add_argument_group("adversarial attacks (Table 3)")
     a.add_argument("--attack_images", type=non_negative_int, default=None,
@@ -259,7 +263,7 @@ class Evaluation:
         self.loader = DataLoader(self.dataset, batch_size=batch, shuffle=False)
         self.photos = len(paths)
         self.judge = Judge(self.scanner, self.sigma, n=args.predict_n, alpha=args.alpha,
-                           batch_size=args.noise_batch, seed=args.seed)
+                           batch_size=args.noise_batch, seed=args.seed, sequential=args.sequential == "on")
         self.lpips_note = None
         notes = []
         self.lpips = None if self.scanner_only else load_lpips(self.device, log=notes.append)
@@ -422,6 +426,7 @@ class Evaluation:
                 "judge": self.judge.describe(), "sigma": self.sigma,
                 "quick": args.quick, "seed": args.seed, "git_commit": git_commit(), "device": str(self.device),
                 "predict_n": args.predict_n, "alpha": args.alpha, "eps_255": [e * 255 for e in self.eps],
+                "sequential": args.sequential == "on", "samples_per_verdict": samples_summary(self.judge.n_used),
                 "seconds": round(seconds, 1), "argv": sys.argv[1:],
                 "unreadable": [{"path": str(path), "reason": reason} for path, reason in self.images.skipped],
             },
@@ -566,6 +571,17 @@ class _AtWorkingSize(torch.utils.data.Dataset):
         from stamp import to_working
 
         return to_working(self.dataset[i][None], self.size)[0].clamp(0, 1)
+
+
+def samples_summary(n_used: list[int]) -> dict | None:
+    """The noisy copies each smoothed verdict took (Table 1, every condition, clean and stamped): their mean,
+    median and how many verdicts took each number; None for a plain scanner."""
+    if not n_used:
+        return None
+    values = torch.tensor(n_used, dtype=torch.float64)
+    counts = torch.unique(values.long(), return_counts=True)
+    return {"verdicts": len(n_used), "mean": values.mean().item(), "median": values.median().item(),
+            "distribution": {str(int(k)): int(c) for k, c in zip(*counts)}}
 
 
 def certify_seed(seed: int) -> int:

@@ -214,7 +214,10 @@ class PhotoScanner:
             raise ValueError("--certify needs a smoothed scanner: this model was not trained with --std; pass "
                              "--sigma to smooth it anyway")
         self.judge = Judge(scanner, self.sigma, n=args.n, alpha=args.alpha, batch_size=args.batch_size,
-                           seed=args.seed)
+                           seed=args.seed, sequential=False)
+        # sequential PREDICT at scan.py's own threshold (the judge's sequential mode tests against ½)
+        self.sequential = Smooth(scanner, self.sigma) if self.sigma is not None and args.sequential == "on" else None
+        self.sequential_generator = torch.Generator(device=self.device).manual_seed(args.seed)
         self.smooth = Smooth(scanner, self.sigma) if args.certify else None
         self.certify_generator = torch.Generator().manual_seed(args.seed + 1) if args.certify else None
         self.threshold = resolve_threshold(args.threshold, self.model_dir, self.sigma, log)
@@ -235,8 +238,10 @@ class PhotoScanner:
                                             else "native resolution")
         extra = (f"; certifying each verdict with n {self.args.n} fresh noisy copies, alpha {self.args.alpha:g}"
                  if self.args.certify else "")
-        return (f"{self.model_dir}: {self.judge.describe()}{extra}; STAMPED when score > {t.value:.4g} ({t.text}); "
-                f"{size}")
+        judge = self.judge.describe()
+        if self.sequential is not None:
+            judge += " (sequential: stops at the first decisive look of 32, 128, 512, … copies)"
+        return f"{self.model_dir}: {judge}{extra}; STAMPED when score > {t.value:.4g} ({t.text}); {size}"
 
     def __call__(self, path: Path) -> dict:
         args = self.args
@@ -245,19 +250,28 @@ class PhotoScanner:
             x = pixels_to_tensor(fit_pixels(pixels, self.fit), self.device)
         else:
             x = to_working(pixels_to_tensor(pixels, self.device), args.working_size)
-        verdicts, scores = self.judge(x.contiguous(memory_format=torch.channels_last))
-        score, t = float(scores[0]), self.threshold.value
-        if self.sigma is None:
-            verdict = STAMPED if score > t else 1 - STAMPED
+        x = x.contiguous(memory_format=torch.channels_last)
+        t = self.threshold.value
+        n_used = args.n
+        if self.sequential is not None:
+            verdicts, votes, used = self.sequential.predict_sequential(
+                x, args.n, args.alpha, args.batch_size, self.sequential_generator, threshold=t, positive=STAMPED)
+            verdict, n_used = int(verdicts[0]), int(used[0])
+            score = int(votes[0]) / n_used
         else:
-            verdict = smoothed_verdict(round(score * args.n), args.n, t, args.alpha)
+            verdicts, scores = self.judge(x)
+            score = float(scores[0])
+            if self.sigma is None:
+                verdict = STAMPED if score > t else 1 - STAMPED
+            else:
+                verdict = smoothed_verdict(round(score * args.n), args.n, t, args.alpha)
         result = {"path": str(path), "verdict": VERDICTS[verdict], "score": score, "threshold": t,
                   "calibrated": self.threshold.calibrated, "threshold_source": self.threshold.source,
                   "size": [pixels.shape[1], pixels.shape[0]], "scanned_at": [x.shape[-1], x.shape[-2]]}
         if self.threshold.differs:
             result["calibration_differs"] = list(self.threshold.differs)
         if self.sigma is not None:
-            result.update(votes=round(score * args.n), n=args.n, sigma=self.sigma)
+            result.update(votes=round(score * n_used), n_used=n_used, n=args.n, sigma=self.sigma)
         if self.smooth is not None:
             result.update(self.certify(x[0], verdict, t))
         return result
@@ -304,7 +318,7 @@ class PhotoScanner:
         score, t = _fmt(r["score"], smoothed), _fmt(r["threshold"], smoothed)
         how = self.threshold.text
         if r["verdict"] == "abstain":
-            text = (f"{r['path']}: ABSTAIN score {score}: {r['votes']} of {r['n']} votes cannot be told from "
+            text = (f"{r['path']}: ABSTAIN score {score}: {r['votes']} of {r['n_used']} votes cannot be told from "
                     f"threshold {t} at alpha {self.args.alpha:g} ({how})")
         else:
             sign = ">" if r["verdict"] == "stamped" else "≤"
@@ -335,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "its config.json or the run's --std)")
     how.add_argument("--plain", action="store_true", help="judge by the plain scanner even if the model has a σ")
     s.add_argument("--n", type=positive_int, default=1000,
-                   help="noise samples per image for the smoothed verdict, and CERTIFY's estimation samples")
+                   help="noise samples per image for the smoothed verdict (the most, with --sequential on), and "
+                        "CERTIFY's estimation samples")
+    s.add_argument("--sequential", choices=("on", "off"), default="on",
+                   help="on: sequential PREDICT: look at the votes after 32, 128, 512, … copies and stop at the first "
+                        "decisive look, with the same bound alpha on a wrong verdict (README, Randomized smoothing); "
+                        "off: always draw --n copies (Cohen's PREDICT)")
     s.add_argument("--alpha", type=significance, default=0.001, help="significance level of verdicts and certificates")
     s.add_argument("--certify", action="store_true",
                    help="also certify each verdict: the L2 radius (in [0,1] pixel units) within which it holds, "
@@ -375,7 +394,9 @@ def run(args, out=None, err=None) -> dict:
             result = {"path": str(item.path), "verdict": "error", "error": item.error}
         else:
             try:
+                start = time.perf_counter()
                 result = scanner(item.path)
+                result["seconds"] = round(time.perf_counter() - start, 4)  # read, judge (and certify) this image
             except ValueError as e:  # ImageReadError: "<path>: <reason>"
                 result = {"path": str(item.path), "verdict": "error",
                           "error": getattr(e, "reason", None) or str(e)}

@@ -33,10 +33,13 @@ class Judge:
     """
 
     def __init__(self, scanner: torch.nn.Module, sigma: float | None = None, n: int = 1000, alpha: float = 0.001,
-                 batch_size: int = 200, seed: int = 0):
-        """batch_size: noisy copies (smoothed) or images (plain) classified at once."""
+                 batch_size: int = 200, seed: int = 0, sequential: bool = True):
+        """batch_size: noisy copies (smoothed) or images (plain) classified at once. sequential: PREDICT stops at
+        the first decisive look (smoothing.sequential; the images of a batch share forward passes), else it draws
+        n copies per image (Cohen's fixed-n PREDICT). `n_used` collects the copies each verdict took."""
         self.scanner = scanner
         self.sigma, self.n, self.alpha, self.batch_size = sigma, n, alpha, batch_size
+        self.sequential, self.n_used = sequential, []
         self.smooth = Smooth(scanner, sigma) if sigma is not None else None
         self.seed = seed
         self._generator = None
@@ -48,7 +51,8 @@ class Judge:
     def describe(self) -> str:
         if not self.smoothed:
             return "plain scanner: argmax of the logits"
-        return f"smoothed scanner: PREDICT with σ {self.sigma}, n {self.n}, alpha {self.alpha}"
+        how = "sequential PREDICT (looks at 32, 128, 512, … copies)" if self.sequential else "PREDICT"
+        return f"smoothed scanner: {how} with σ {self.sigma}, n {self.n}, alpha {self.alpha}"
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,9 +75,15 @@ class Judge:
     def _smoothed(self, x):
         if self._generator is None:
             self._generator = torch.Generator(device=self.smooth.device).manual_seed(self.seed)
+        if self.sequential:
+            verdicts, votes, used = self.smooth.predict_sequential(x, self.n, self.alpha, self.batch_size,
+                                                                   self._generator, positive=STAMPED)
+            self.n_used += used.tolist()
+            return verdicts, (votes.double() / used).float()
         verdicts, scores = [], []
         for image in x:
             counts = self.smooth.counts(image, self.n, self.batch_size, self._generator)
             verdicts.append(Smooth.decide(counts, self.alpha))
             scores.append(float(counts[STAMPED]) / self.n)
+            self.n_used.append(self.n)
         return torch.tensor(verdicts), torch.tensor(scores)

@@ -17,6 +17,8 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from torch import nn
 
+from .sequential import sequential_decide
+
 #: Returned instead of a class when the smoothed classifier does not commit to one.
 ABSTAIN = -1
 
@@ -181,6 +183,64 @@ class Smooth:
         """
         n, batch_size = _check_count("n", n), _check_count("batch_size", batch_size)
         return self._sample_counts(x, n, batch_size, generator)
+
+    def predict_sequential(self, x: torch.Tensor, n: int = 1000, alpha: float = 0.001, batch_size: int = 400,
+                           generator: torch.Generator | None = None, threshold: float = 0.5,
+                           positive: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sequential PREDICT (smoothing.sequential) for a batch of images of one size, sharing forward passes.
+
+        Args:
+            x: images (B,3,H,W) in [0,1] (or one (3,H,W)).
+            n: most noisy copies per image; alpha: the bound on a decisive wrong verdict over all looks.
+            threshold: verdict `positive` when the share of its votes is above this (½: PREDICT for 2 classes).
+            positive: the class whose votes are counted (1: the DeepRAFT scanner's STAMPED).
+
+        Returns:
+            (verdicts (B,): positive, 1 − positive, or ABSTAIN; votes (B,) for `positive`; n_used (B,)), int64 CPU.
+            With 2 classes and threshold ½ the verdict is PREDICT's decision on the copies drawn.
+        """
+        n, batch_size, alpha = _check_count("n", n), _check_count("batch_size", batch_size), _check_alpha(alpha)
+        x = x[None] if x.dim() == 3 else x
+
+        def sample(active: torch.Tensor, k: int) -> torch.Tensor:
+            return self.class_votes(x[active], k, positive, batch_size, generator)
+
+        verdicts, votes, used = sequential_decide(sample, x.shape[0], n, threshold, alpha)
+        verdicts = torch.where(verdicts < 0, ABSTAIN, torch.where(verdicts == 1, positive, 1 - positive))
+        return verdicts, votes, used
+
+    @torch.no_grad()
+    def class_votes(self, x: torch.Tensor, k: int, cls: int, batch_size: int = 400,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """How many of k noisy copies of each image x (B,3,H,W) the scanner reads as class `cls` → (B,) int64 CPU.
+
+        Copies of several images share each forward pass (batch_size copies at a time, in chunks of at most
+        CPU_CHUNK_PIXELS pixels on CPU), image after image, so a given generator gives the same votes whatever
+        the batch_size."""
+        device = self.device
+        x = x.to(device)
+        owner = torch.arange(x.shape[0], device=device).repeat_interleave(k)
+        votes = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+        noise_device = generator.device if generator is not None else device
+        on_cpu = device.type == "cpu"
+        chunk = max(1, CPU_CHUNK_PIXELS // (x.shape[-2] * x.shape[-1])) if on_cpu else batch_size
+        was_training = self.scanner.training
+        self.scanner.eval()
+        try:
+            for start in range(0, len(owner), batch_size):
+                idx = owner[start:start + batch_size]
+                noise = torch.randn((len(idx), *x.shape[1:]), generator=generator, device=noise_device,
+                                    dtype=x.dtype).to(device)
+                batch = noise.mul_(self.sigma).add_(x[idx])
+                for s in range(0, len(idx), chunk):
+                    part = batch[s:s + chunk]
+                    if on_cpu:
+                        part = part.contiguous(memory_format=torch.channels_last)
+                    hits = (self.scanner(part).argmax(1) == cls).long()
+                    votes.index_add_(0, idx[s:s + chunk], hits)
+        finally:
+            self.scanner.train(was_training)
+        return votes.cpu()
 
     @staticmethod
     def decide(counts: torch.Tensor, alpha: float = 0.001) -> int:

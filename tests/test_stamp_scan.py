@@ -267,10 +267,14 @@ def test_a_smoothed_scan_gives_votes_and_a_certified_radius(model, photos, tmp_p
     flags = ["--sigma", "0.02", "--n", "60", "--certify", "--n0", "10", "--batch_size", "30"]
     _, records, err = scan_json(model, [out / "astronaut.png", photos / "astronaut.png"], capsys, *flags)
     stamped, clean = records
-    assert "PREDICT with σ 0.02" in err and stamped["threshold"] == 0.5 and stamped["sigma"] == 0.02
+    assert "PREDICT with σ 0.02" in err and "sequential" in err and stamped["threshold"] == 0.5 and stamped["sigma"] == 0.02
     assert (stamped["verdict"], stamped["certified"]) == ("stamped", "stamped")
     assert (clean["verdict"], clean["certified"]) == ("clean", "clean")
-    assert stamped["votes"] == 60 and stamped["score"] == 1.0 and 0 < stamped["radius"] < 4 * 0.02
+    # sequential PREDICT: 32 of 32 votes already decide (the first look), the certificate still uses --n fresh copies
+    assert (stamped["votes"], stamped["n_used"], stamped["n"]) == (32, 32, 60) and stamped["score"] == 1.0
+    assert stamped["certify_n"] == 60 and 0 < stamped["radius"] < 4 * 0.02
+    _, records, err = scan_json(model, [out / "astronaut.png"], capsys, *flags, "--sequential", "off")
+    assert (records[0]["votes"], records[0]["n_used"]) == (60, 60) and "sequential" not in err
     # 60 of 60 votes cannot tell a share above 0.99 from 0.99 at alpha 0.001: abstain
     _, records, _ = scan_json(model, [out / "astronaut.png"], capsys, "--sigma", "0.02", "--n", "60",
                               "--threshold", "0.99")
