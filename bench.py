@@ -261,6 +261,25 @@ def certify_entry(arch: str, size: int, n: int, batch: int, device, after: bool,
     return run, n
 
 
+def smoothed_entry(arch: str, hw: tuple[int, int], n: int, batch: int, device, sequential: bool, photos,
+                   count: int = 4):
+    """Smoothed verdicts for `count` photos at the working size: Cohen's fixed-n PREDICT, one photo after the
+    other, or sequential PREDICT (smoothing.sequential) with the photos sharing forward passes. The untrained
+    scanner's votes are lopsided, as most real photos' are, so the sequential figure is the common case."""
+    scanner = Scanner(ScannerConfig(arch)).to(device).eval()
+    x = torch.stack([resized(photos[i % len(photos)], hw) for i in range(count)]).to(device)
+    smooth = Smooth(scanner, 0.25)
+
+    def run():
+        generator = torch.Generator(device).manual_seed(0)
+        if sequential:
+            smooth.predict_sequential(x, n, 0.001, batch, generator)
+        else:
+            for image in x:
+                Smooth.decide(smooth.counts(image, n, batch, generator), 0.001)
+    return run, count
+
+
 def jpeg_entry(image: torch.Tensor):
     """Pillow decoding one JPEG (quality 90) of `image` to RGB pixels: the yardstick."""
     pixels = (image.permute(1, 2, 0) * 255).round().byte().numpy()
@@ -287,7 +306,7 @@ def settings(args, device) -> dict:
     if args.quick:
         return dict(train_sizes=(32, 48), train_batch={32: 2, 48: 2}, steps=1, scanner_size=48, scanner_batch=2,
                     stamp_sizes=((48, 48), (96, 128)), certify_n=8, certify_batch=4, repeats=1, arch="narrow",
-                    encoder_width=0.25)
+                    encoder_width=0.25, working=(36, 48), smooth_n=40)
     return dict(
         train_sizes=(128, 400),
         train_batch={128: args.batch_size or (32 if gpu else 8), 400: args.batch_size or (16 if gpu else 2)},
@@ -296,6 +315,7 @@ def settings(args, device) -> dict:
         stamp_sizes=((400, 400), MEGAPIXEL_12),
         certify_n=args.certify_n or (4000 if gpu else 200), certify_batch=400 if gpu else 100,
         repeats=args.repeats, arch=args.scanner or ("resnet18" if gpu else "fast"), encoder_width=1.0,
+        working=(341, 512), smooth_n=1000,  # scan.py's working size for a 481×321 photo, and its --n
     )
 
 
@@ -319,7 +339,12 @@ def entries(s: dict, device, photos):
     out.append((f"certification noise samples, {size}² (batch {s['certify_batch']}, {s['arch']})", "samples/s",
                 lambda after: certify_entry(s["arch"], size, s["certify_n"], s["certify_batch"], device, after,
                                             photos)))
-    for hw in ((size, size), s["stamp_sizes"][-1]):
+    for sequential in (False, True):
+        how = f"sequential PREDICT, n ≤ {s['smooth_n']}" if sequential else f"fixed-n PREDICT, n {s['smooth_n']}"
+        out.append((f"smoothed verdicts at {s['working'][1]}×{s['working'][0]} ({how}, {s['arch']})", "img/s",
+                    lambda after, sequential=sequential: smoothed_entry(
+                        s["arch"], s["working"], s["smooth_n"], s["certify_batch"], device, sequential, photos)))
+    for hw in ((size, size), s["working"], s["stamp_sizes"][-1]):
         out.append((f"Pillow JPEG decode, {hw[1]}×{hw[0]} (yardstick, 1 core)", "img/s",
                     lambda after, hw=hw: jpeg_entry(resized(photos[0], hw))))
     return out
