@@ -49,6 +49,7 @@ from report.paper import model_kind, setting_differences
 from report.plots import write_plots
 from report.tables import render_markdown, write_csvs
 from smoothing import Smooth
+from stamp import to_working
 from smoothing.certify import RADII, certified_accuracy, certify_labelled, resolve_model, write_tsv
 
 #: --quick: seconds to minutes on a CPU
@@ -308,8 +309,8 @@ class Evaluation:
         so this costs nothing more). A plain scanner's is its argmax accuracy, as in the strict protocol.
         Per photo (the mean over its tiles), then over photos."""
         table = {}
-        for name, ((vc, vs), (sc, ss)) in ((k, (self.pass_["verdicts"][k], self.pass_["scores"][k]))
-                                          for k in self.pass_["verdicts"]):
+        for name in self.pass_["verdicts"]:
+            (vc, vs), (sc, ss) = self.pass_["verdicts"][name], self.pass_["scores"][name]
             if self.sigma:
                 right_clean, right_stamped = 1 - sc.double(), ss.double()
             else:
@@ -440,7 +441,7 @@ class Evaluation:
 
     def paper(self, size_text: str) -> dict:
         """The paper's numbers for the row this model corresponds to (report.paper), and how its setting differs."""
-        config = _model_config(self.model_dir) or {}
+        config = self.config  # config.json, as load_pretrained read it
         kind = self.args.paper_row if self.args.paper_row != "auto" else model_kind(self.run_args, config,
                                                                                      self.model_dir.name)
         row3 = paper_tables.table3_row(kind, self.sigma)
@@ -568,8 +569,6 @@ class _AtWorkingSize(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        from stamp import to_working
-
         return to_working(self.dataset[i][None], self.size)[0].clamp(0, 1)
 
 

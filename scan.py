@@ -215,10 +215,10 @@ class PhotoScanner:
                              "--sigma to smooth it anyway")
         self.judge = Judge(scanner, self.sigma, n=args.n, alpha=args.alpha, batch_size=args.batch_size,
                            seed=args.seed, sequential=False)
-        # sequential PREDICT at scan.py's own threshold (the judge's sequential mode tests against ½)
-        self.sequential = Smooth(scanner, self.sigma) if self.sigma is not None and args.sequential == "on" else None
+        # sequential PREDICT at scan.py's own threshold (the judge's sequential mode tests against ½), and --certify
+        self.smooth = Smooth(scanner, self.sigma) if self.sigma is not None else None
+        self.sequential = self.smooth is not None and args.sequential == "on"
         self.sequential_generator = torch.Generator(device=self.device).manual_seed(args.seed)
-        self.smooth = Smooth(scanner, self.sigma) if args.certify else None
         self.certify_generator = torch.Generator().manual_seed(args.seed + 1) if args.certify else None
         self.threshold = resolve_threshold(args.threshold, self.model_dir, self.sigma, log)
         if self.threshold.calibrated:
@@ -239,7 +239,7 @@ class PhotoScanner:
         extra = (f"; certifying each verdict with n {self.args.n} fresh noisy copies, alpha {self.args.alpha:g}"
                  if self.args.certify else "")
         judge = self.judge.describe()
-        if self.sequential is not None:
+        if self.sequential:
             judge += " (sequential: stops at the first decisive look of 32, 128, 512, … copies)"
         return f"{self.model_dir}: {judge}{extra}; STAMPED when score > {t.value:.4g} ({t.text}); {size}"
 
@@ -253,8 +253,8 @@ class PhotoScanner:
         x = x.contiguous(memory_format=torch.channels_last)
         t = self.threshold.value
         n_used = args.n
-        if self.sequential is not None:
-            verdicts, votes, used = self.sequential.predict_sequential(
+        if self.sequential:
+            verdicts, votes, used = self.smooth.predict_sequential(
                 x, args.n, args.alpha, args.batch_size, self.sequential_generator, threshold=t, positive=STAMPED)
             verdict, n_used = int(verdicts[0]), int(used[0])
             score = int(votes[0]) / n_used
@@ -272,7 +272,7 @@ class PhotoScanner:
             result["calibration_differs"] = list(self.threshold.differs)
         if self.sigma is not None:
             result.update(votes=round(score * n_used), n_used=n_used, n=args.n, sigma=self.sigma)
-        if self.smooth is not None:
+        if args.certify:
             result.update(self.certify(x[0], verdict, t))
         return result
 

@@ -1,7 +1,7 @@
 """The two training recipes, as data: every setting of the original code (`original`, the default) and ours for
 small crops on CPU (`robust`, what the demo and the shipped models use).
 
-A recipe is a table of flag values. `resolve` fills every flag the command line did not give from the table
+A recipe is a table of flag values. `engine.cli.parse` fills every flag the command line did not give from the table
 before anything is built; a flag given explicitly always wins. Nothing else in the project reads the recipe's
 name: the code branches on the settings themselves (`clamp_stamp`, `aug_chain`, `train_crop`, ...). The README's
 Fidelity table lists each difference, why `robust` makes it, and the flag that restores the original.

@@ -14,6 +14,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -37,6 +38,7 @@ from .device import (amp_dtype, autocast, configure_speed, rng_state, seed_every
 from .distributed import Dist, StopRequest, all_gather_object, all_reduce_mean
 from .evaluation import evaluate, preview_rows, save_preview
 from .losses import View, load_lpips, pair_labels, perceptual_loss, residual_regularisation
+from .recipes import MIRFLICKR_DIR
 from .rundir import RunDir
 
 ViewFn = Callable[[torch.Tensor, int], list[View]]
@@ -435,10 +437,6 @@ def _quiet(*args, **kwargs):
 def _train_path(path):
     """--train_path → what datasets.resolve_image_paths takes: None for the bundled photos ('bundled', unless a
     folder of that name exists); the original's default ./mirflickr/, when missing, is explained in one line."""
-    from pathlib import Path
-
-    from .recipes import MIRFLICKR_DIR
-
     if path is None or (path == "bundled" and not Path(path).exists()):
         return None
     if path == MIRFLICKR_DIR and not Path(path).is_dir():
