@@ -12,9 +12,11 @@ view at full strength) on random crops of the photos scikit-image ships, without
 figures are the models' speed; the Pillow row tells how fast one core can decode the same photos to feed them.
 Peak memory is the process's resident memory (CPU) or the largest CUDA allocation during the entry.
 
-"before" (--compare) switches off what issue 7 added: channels_last (`--no-channels_last`), cuDNN autotuning and
-TF32 on CUDA, and Smooth's sampling (its loop as it was is kept below as `reference_counts`). Fused Adam on CUDA
-stays on in both. "after" is what train.py, train_rs.py, train_rs_aug.py and smoothing.certify do by default.
+"before" (--compare) is torch's defaults: no channels_last (`--no-channels_last`), no cuDNN autotuning and no TF32
+matrix products on CUDA (cuDNN's convolutions use TF32 in both, as torch does by default), and Smooth's sampling
+without its reused buffer and chunks (`reference_counts`). Fused Adam on CUDA stays on in both. "after" is what
+train.py, train_rs.py, train_rs_aug.py and smoothing.certify do by default. Scanning and stamping run in fp32, as
+scan.py and stamp.py do.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from PIL import Image
 from datasets.images import load_rgb, to_tensor
 from datasets.samples import sample_photo_paths
 from engine.cli import HelpFormatter, positive_int, positive_float
-from engine.device import autocast, configure_speed, cpu_name, pick_device
+from engine.device import configure_speed, cpu_name, full_precision, pick_device
 from engine.training import Trainer
 from models import Scanner, ScannerConfig, StampEncoder
 from models.scanner import ARCHS
@@ -120,13 +122,14 @@ def measure(make, modes, device: torch.device, repeats: int, budget_s: float) ->
 
 @contextlib.contextmanager
 def speed_features(device: torch.device, on: bool):
-    """The process-wide half of "after" (on) or "before" (off); channels_last is passed to each entry."""
+    """The process-wide half of "after" (on) or "before" (off: torch's defaults, cuDNN's TF32 convolutions
+    included); channels_last is passed to each entry."""
     saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if on:
         configure_speed(device)
     else:
         torch.backends.cudnn.benchmark = False
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
     try:
         yield
     finally:
@@ -210,7 +213,7 @@ def scanner_entry(arch: str, size: int, batch: int, device, channels_last: bool,
 
     @torch.inference_mode()
     def run():
-        with autocast(device):
+        with full_precision(device):
             scanner(x)
     return run, batch
 
@@ -224,14 +227,15 @@ def stamp_entry(hw: tuple[int, int], device, channels_last: bool, photos):
 
     @torch.inference_mode()
     def run():
-        with autocast(device):
+        with full_precision(device):
             residual = encoder(x)
         (x + residual.float()).clamp(0, 1)
     return run, 1
 
 
 def reference_counts(scanner, x: torch.Tensor, sigma: float, num: int, batch_size: int, generator) -> torch.Tensor:
-    """Smooth._sample_counts as it was before issue 7, for --compare's "before" (the same noise, the same counts)."""
+    """Smooth._sample_counts without its reused buffer and chunks, for --compare's "before" (the same noise, the
+    same counts)."""
     device = next(scanner.parameters()).device
     x = x.to(device)
     counts = None

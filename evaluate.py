@@ -1,4 +1,5 @@
-"""Turn a trained model into the paper's evidence: detection accuracy under corruptions (Table 1),
+"""Turn a trained model into the paper's evidence: detection accuracy under corruptions (Table 1) and after
+what a messaging app does to a photo (Table 1b, forwarding: real JPEG/WebP, downscaling, cropping),
 imperceptibility (Table 2), adversarial robustness (Table 3), certified accuracy for smoothed scanners, and
 calibrated detection (ROC-AUC, thresholds for a stated false-block rate).
 
@@ -17,6 +18,7 @@ each condition of Table 1); everything about stamped photos is left out, and res
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -38,7 +40,7 @@ from models import CLEAN, STAMPED, load_pretrained
 from models.io import CALIBRATION_NAME
 from report.attacks import AttackSettings, robustness_table
 from report.calibration import TARGET_FPRS, operating_point, roc_curve
-from report.conditions import table1_conditions
+from report.conditions import forwarding_conditions, table1_conditions
 from report.detection import accuracy_row, by_photo, detection_pass, mean_std, photo_means
 from report.compare import compare
 from report.judge import Judge
@@ -49,7 +51,7 @@ from report.paper import model_kind, setting_differences
 from report.plots import write_plots
 from report.tables import render_markdown, write_csvs
 from smoothing import Smooth
-from stamp import to_working
+from stamp import fit_pixels, to_working
 from smoothing.certify import RADII, certified_accuracy, certify_labelled, resolve_model, write_tsv
 
 #: --quick: seconds to minutes on a CPU
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "photo); original: the original code's (a smoothed scanner scored by the mean accuracy of "
                         "--passes single noisy passes, attacks crafted on the base scanner without noise, ε up to "
                         "64/255, FGSM, PGD-40 and random noise, Table 2 per batch of the unclamped stamp), the way "
-                        "the paper's numbers were made; both: the two side by side (see README, Evaluation)")
+                        "the paper's numbers were made; both: the two side by side (see docs/evaluation.md)")
     p.add_argument("--paper_row", choices=("auto", *PAPER_KINDS), default="auto",
                    help="which of the paper's models this is, for the paper column: plain (train.py), plain_da "
                         "(train.py --aug), rs (train_rs.py), da_rs (train_rs_aug.py); auto reads the run's args.json, "
@@ -111,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "σ), which scan.py then uses as its threshold")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--seed", type=int, default=0, help="seed of corruptions, noise and attacks")
+    p.add_argument("--forwarding", choices=("on", "off"), default="on",
+                   help="on: also Table 1b, forwarding: detection after what a messaging app does to a photo, real "
+                        "codecs on the photo saved as 8-bit pixels (JPEG quality 60 and 75 with 4:2:0 chroma, WebP "
+                        "quality 75, downscaling each side to 75%% (Lanczos) then JPEG quality 80, the centre 90%% "
+                        "of each side then JPEG quality 85), clean and stamped photos alike, judged at the size "
+                        "they arrive at (fitted again for a fixed-size network) and scored as Table 1 is under "
+                        "each protocol; in --quick too. off: skip it")
 
     s = p.add_argument_group("smoothing (for scanners trained with train_rs*.py)")
     s.add_argument("--judge", choices=["auto", "plain", "smoothed"], default="auto",
@@ -166,6 +175,11 @@ def _eps_list(text: str) -> tuple[float, ...]:
 
 
 def _same_data(a, b) -> bool:
+    """Is --data_path a (one folder or None) the run's --train_path b (a folder, a list of them, or None)?"""
+    if isinstance(b, (list, tuple)):
+        if len(b) != 1:
+            return False
+        b = b[0]
     if a is None or b is None:
         return a is None and b is None
     return Path(a).resolve() == Path(b).resolve()
@@ -235,6 +249,10 @@ class Evaluation:
                               (", ..." if len(paths) > 6 else "") + ")"
             self.log(f"evaluating on the run's held-out test split of its training data: {len(paths)} photos "
                      f"(--all_images uses every photo)")
+        elif self.run_args and isinstance(self.run_args.get("train_path"), list) and any(
+                _same_data(args.data_path, [folder]) for folder in self.run_args["train_path"]):
+            self.log(f"warning: {args.data_path} is one of the folders this run was trained on (its held-out split "
+                     f"was drawn from all of them together): most of these photos were seen in training")
         with warnings.catch_warnings():  # reported below, one line per file, and in results.json
             warnings.simplefilter("ignore", UnreadableImageWarning)
             if self.fit:
@@ -277,19 +295,21 @@ class Evaluation:
 
     def detection(self):
         conditions = table1_conditions()
+        forwarding = self._forwarding_conditions()
         keep = max(self.args.attack_images, self.args.certify_images if self.sigma else 0)
         inner = tqdm(total=len(self.dataset), desc="photos", unit="img", leave=False, file=sys.stderr,
                      dynamic_ncols=True)
         before = len(self.images.skipped)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnreadableImageWarning)
-            self.pass_ = detection_pass(self.encoder, self.judge, self.loader, conditions, self.device,
-                                        seed=self.args.seed, lpips_model=self.lpips, keep=keep,
+            self.pass_ = detection_pass(self.encoder, self.judge, self.loader, {**conditions, **forwarding},
+                                        self.device, seed=self.args.seed, lpips_model=self.lpips, keep=keep,
                                         keep_mask=self.first_tile, progress=inner.update)
         inner.close()
         self._report_unreadable(before, "whose pixel data failed to decode; their tiles were replaced by the next "
                                         "readable photo's")
         self.table1 = {name: self._photo_row(name) for name in conditions}
+        self.forwarding = {name: self._photo_row(name) for name in forwarding} if forwarding else None
         ids = self.photo_ids
         per_photo = {m: photo_means(self.pass_[m], ids) if self.pass_[m] is not None and len(self.pass_[m]) == len(ids)
                      else self.pass_[m] for m in ("psnr", "ssim", "lpips")}
@@ -297,19 +317,44 @@ class Evaluation:
                        "lpips": mean_std(per_photo["lpips"]), "lpips_note": self.lpips_note,
                        "by": "photo (the mean over its tiles)", "n_tiles": len(self.pass_["psnr"])}
         if self.original:
-            self.original_ = {"table1": self._original_table1(),
+            self.original_ = {"table1": self._original_table1(conditions),
+                              "forwarding": self._original_table1(forwarding) if forwarding else None,
                               "table1_judge": (f"mean over {self.args.predict_n} noisy single passes (σ {self.sigma}) of "
                                                f"the argmax accuracy, no vote, no abstention" if self.sigma
                                                else "the scanner's argmax")}
 
-    def _original_table1(self) -> dict:
-        """Table 1 the original way: a smoothed scanner's accuracy is the mean over the n noisy single passes of
-        the detection pass (--predict_n, the original's 1,000) of the argmax accuracy, with no vote and no
-        abstention: per image, the share of passes that read it right (the vote share of PREDICT's own samples,
-        so this costs nothing more). A plain scanner's is its argmax accuracy, as in the strict protocol.
-        Per photo (the mean over its tiles), then over photos."""
+    def _forwarding_conditions(self) -> dict:
+        """Table 1b's conditions (report.conditions.forwarding_conditions); {} with --forwarding off. Each is
+        judged in the same detection pass as Table 1 (clean and stamped photos, the same judge, by photo). The
+        forwarded photo is judged at the size it arrives at, as scan.py (which never upscales) would judge it:
+        a tile, stamped as a photo of its own, is forwarded and judged whole; a photo at the working resolution
+        or at native resolution likewise. A fixed-size network (self.fit) gets the received file fitted to its
+        input again (stamp.fit_pixels, ImageOps.fit), as scan.py prepares any photo for it."""
+        self.forwarding_settings = None
+        if self.args.forwarding == "off":
+            return {}
+        conditions = forwarding_conditions(functools.partial(fit_pixels, size=self.fit) if self.fit else None)
+        if self.fit:
+            judged = (f"the received file fitted to {self.fit}×{self.fit} again (centre square, resized, like "
+                      f"ImageOps.fit), as scan.py prepares a photo for this fixed-size network")
+        elif self.args.working_size is not None or not self.args.size:
+            judged = ("each photo, saved as 8-bit pixels at the resolution it is evaluated at, forwarded and judged "
+                      "at the size it arrives at (scan.py never upscales)")
+        else:
+            judged = (f"each {self.args.size}×{self.args.size} tile, stamped as a photo of its own and saved as 8-bit "
+                      f"pixels, forwarded and judged whole at the size it arrives at (no resizing back)")
+        self.forwarding_settings = {"conditions": {name: f.describe() for name, f in conditions.items()},
+                                    "judged": judged}
+        return conditions
+
+    def _original_table1(self, conditions) -> dict:
+        """Table 1 (or 1b: `conditions` are its names) the original way: a smoothed scanner's accuracy is the mean
+        over the n noisy single passes of the detection pass (--predict_n, the original's 1,000) of the argmax
+        accuracy, with no vote and no abstention: per image, the share of passes that read it right (the vote share
+        of PREDICT's own samples, so this costs nothing more). A plain scanner's is its argmax accuracy, as in the
+        strict protocol. Per photo (the mean over its tiles), then over photos."""
         table = {}
-        for name in self.pass_["verdicts"]:
+        for name in conditions:
             (vc, vs), (sc, ss) = self.pass_["verdicts"][name], self.pass_["scores"][name]
             if self.sigma:
                 right_clean, right_stamped = 1 - sc.double(), ss.double()
@@ -428,11 +473,13 @@ class Evaluation:
                 "quick": args.quick, "seed": args.seed, "git_commit": git_commit(), "device": str(self.device),
                 "predict_n": args.predict_n, "alpha": args.alpha, "eps_255": [e * 255 for e in self.eps],
                 "sequential": args.sequential == "on", "samples_per_verdict": samples_summary(self.judge.n_used),
+                "forwarding": self.forwarding_settings,
                 "seconds": round(seconds, 1), "argv": sys.argv[1:],
                 "unreadable": [{"path": str(path), "reason": reason} for path, reason in self.images.skipped],
             },
             "protocol": args.protocol,
-            "table1": self.table1, "table2": self.table2, "table3": getattr(self, "table3", None),
+            "table1": self.table1, "forwarding": self.forwarding,
+            "table2": self.table2, "table3": getattr(self, "table3", None),
             "calibration": getattr(self, "calibration_", None),
             "certification": getattr(self, "certification_", None),
             "original": getattr(self, "original_", None),
@@ -501,6 +548,10 @@ class Evaluation:
                 for key in ("acc", "acc_clean", "acc_stamped", "auc"):
                     if row[key] is not None:  # None: a scanner-only model's stamped figures
                         writer.add_scalar(f"eval/table1/{name}/{key}", row[key])
+            for name, row in (results["forwarding"] or {}).items():
+                for key in ("acc", "acc_clean", "acc_stamped", "auc"):
+                    if row[key] is not None:
+                        writer.add_scalar(f"eval/forwarding/{name}/{key}", row[key])
             for metric in ("psnr", "ssim", "lpips"):
                 if results["table2"][metric]["n"]:
                     writer.add_scalar(f"eval/table2/{metric}", results["table2"][metric]["mean"])
@@ -520,6 +571,9 @@ class Evaluation:
                  f"{100 * t1['none']['acc_stamped']:.1f}%, ROC-AUC {t1['none']['auc']:.4f}",
                  f"   mixed chain: {100 * t1['mixed chain (JPEG q75)']['acc']:.1f}%; worst condition: {worst} "
                  f"({100 * t1[worst]['acc']:.1f}%)",
+                 *(["   forwarding (Table 1b): " + ", ".join(f"{name} {100 * row['acc']:.1f}%" for name, row in
+                                                           results["forwarding"].items())]
+                   if results["forwarding"] else []),
                  f"   PSNR {t2['psnr']['mean']:.2f} ± {t2['psnr']['std']:.2f} dB, SSIM {t2['ssim']['mean']:.4f}, "
                  f"LPIPS {'%.4f' % t2['lpips']['mean'] if t2['lpips']['n'] else t2['lpips_note']}"]
         for point in results["calibration"]["operating_points"]:
@@ -553,6 +607,9 @@ class Evaluation:
                  f"{100 * t1['none']['fpr']:.1f}%",
                  (f"   most false positives: {worst} ({100 * t1[worst]['fpr']:.1f}%)" if t1[worst]["fpr"] > 0 else
                   "   no false positive under any condition"),
+                 *(["   false positives after forwarding (Table 1b): " + ", ".join(
+                     f"{name} {100 * row['fpr']:.1f}%" for name, row in results["forwarding"].items())]
+                   if results["forwarding"] else []),
                  f"   wrote {len(files)} files to {self.out}/ (tables.md, results.json, CSVs, tb/)"]
         self.log("\n".join(lines))
 
@@ -573,8 +630,8 @@ class _AtWorkingSize(torch.utils.data.Dataset):
 
 
 def samples_summary(n_used: list[int]) -> dict | None:
-    """The noisy copies each smoothed verdict took (Table 1, every condition, clean and stamped): their mean,
-    median and how many verdicts took each number; None for a plain scanner."""
+    """The noisy copies each smoothed verdict took (Tables 1 and 1b, every condition, clean and stamped): their
+    mean, median and how many verdicts took each number; None for a plain scanner."""
     if not n_used:
         return None
     values = torch.tensor(n_used, dtype=torch.float64)
@@ -606,13 +663,22 @@ def _model_sigma(model_dir: Path):
     return (_model_config(model_dir) or {}).get("sigma")
 
 
+def _shown(path: Path) -> str:
+    """A path as a record should show it: relative to the working directory when inside it (a model folder's
+    calibration then names the run folder, not where the machine kept it)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def write_calibration(results: dict, results_path: Path, path: Path, target_fpr: float = 0.01) -> Path:
     """Write the operating point for `target_fpr` (threshold on the score: STAMPED iff score > threshold) with
     what scan.py needs to check that it judges the same kind of score: atomically, as JSON."""
     point = next(p for p in results["calibration"]["operating_points"] if p["target_fpr"] == target_fpr)
     s = results["settings"]
     record = {"score": results["calibration"]["score"], "judge": "smoothed" if s["sigma"] else "plain",
-              "sigma": s["sigma"], **point, "evaluated": str(results_path), "size": s["size"],
+              "sigma": s["sigma"], **point, "evaluated": _shown(results_path), "size": s["size"],
               "working_size": s.get("working_size"), "fitted_to": s.get("fitted_to"),
               "size_text": s["size_text"], "data": s["data"], "images": s["images"], "quick": s["quick"],
               "predict_n": s["predict_n"] if s["sigma"] else None, "alpha": s["alpha"], "git_commit": s["git_commit"]}

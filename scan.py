@@ -219,7 +219,9 @@ class PhotoScanner:
         self.smooth = Smooth(scanner, self.sigma) if self.sigma is not None else None
         self.sequential = self.smooth is not None and args.sequential == "on"
         self.sequential_generator = torch.Generator(device=self.device).manual_seed(args.seed)
-        self.certify_generator = torch.Generator().manual_seed(args.seed + 1) if args.certify else None
+        # on the device, as certify.py and evaluate.py draw theirs: no noise made on the CPU and copied over
+        self.certify_generator = (torch.Generator(device=self.device).manual_seed(args.seed + 1) if args.certify
+                                  else None)
         self.threshold = resolve_threshold(args.threshold, self.model_dir, self.sigma, log)
         if self.threshold.calibrated:
             resolution = ("fitted", self.fit) if self.fit else ("working", args.working_size)
@@ -353,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CERTIFY's estimation samples")
     s.add_argument("--sequential", choices=("on", "off"), default="on",
                    help="on: sequential PREDICT: look at the votes after 32, 128, 512, … copies and stop at the first "
-                        "decisive look, with the same bound alpha on a wrong verdict (README, Randomized smoothing); "
+                        "decisive look, with the same bound alpha on a wrong verdict (docs/smoothing.md); "
                         "off: always draw --n copies (Cohen's PREDICT)")
     s.add_argument("--alpha", type=significance, default=0.001, help="significance level of verdicts and certificates")
     s.add_argument("--certify", action="store_true",

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from datasets.images import NoImagesError, find_images, load_rgb
 from engine.cli import HelpFormatter, non_negative_int
-from engine.device import autocast, pick_device
+from engine.device import full_precision, pick_device
 from models import load_pretrained
 from smoothing.certify import resolve_model
 
@@ -128,7 +128,7 @@ def stamp_pixels(encoder: torch.nn.Module, pixels: np.ndarray, working_size: int
     height, width = pixels.shape[:2]
     photo = torch.from_numpy(pixels).to(device).permute(2, 0, 1)[None]  # (1,3,H,W) uint8, a view
     work = to_working(photo.float().div_(255), working_size)
-    with autocast(device):
+    with full_precision(device):  # fp32 on every device: the same stamp from a GPU as from a CPU
         residual = encoder(work.contiguous(memory_format=torch.channels_last)).float()
     if residual.shape[-2:] != (height, width):
         residual = F.interpolate(residual, size=(height, width), mode=UPSAMPLE_MODE, align_corners=False)

@@ -32,10 +32,11 @@ class StochasticChain(nn.Module):
         return cls([build(n, preset) for n in parse_names(names)], p)
 
     def forward(self, x: torch.Tensor, strength: float | torch.Tensor | None = None) -> torch.Tensor:
+        Corruption._check_input(x, type(self).__name__)
         s = Corruption._strength(strength, x)
         for i in torch.randperm(len(self.corruptions)).tolist():
             applied = torch.rand(s.shape, device=x.device) < self.p
-            x = self.corruptions[i](x, s * applied)
+            x = self.corruptions[i]._apply(x, s * applied)  # s is checked: no second check (a read) per corruption
         return x
 
     def extra_repr(self):

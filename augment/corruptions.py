@@ -28,6 +28,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from engine.device import constant
+from engine.losses import rgb_to_yuv, yuv_to_rgb
+
 Range = tuple[float, float]
 
 
@@ -49,10 +52,17 @@ class Corruption(nn.Module):
     per_batch: bool = False
 
     def forward(self, x: torch.Tensor, strength: float | torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x, type(self).__name__)
+        return self._apply(x, self._strength(strength, x))
+
+    @staticmethod
+    def _check_input(x: torch.Tensor, who: str) -> None:
         if x.ndim != 4 or x.shape[1] != 3 or not x.is_floating_point():
-            raise ValueError(f"{type(self).__name__} expects a float (B,3,H,W) batch, got {tuple(x.shape)} "
-                             f"{x.dtype}")
-        s = self._strength(strength, x)
+            raise ValueError(f"{who} expects a float (B,3,H,W) batch, got {tuple(x.shape)} {x.dtype}")
+
+    def _apply(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """forward without the checks, for a chain that checked x and s (B,) itself (the check of a strength
+        tensor reads it on the host)."""
         y = self.corrupt(x, s).clamp(0, 1).to(x.dtype)
         return torch.where(s.view(-1, 1, 1, 1) > 0, y, x)
 
@@ -65,6 +75,10 @@ class Corruption(nn.Module):
         b = x.shape[0]
         if strength is None:
             return x.new_ones(b)
+        if isinstance(strength, (int, float)):  # checked and filled on the host: no copy to the device
+            if not 0 <= strength <= 1:
+                raise ValueError(f"strength must lie in [0, 1], got {strength}")
+            return x.new_full((b,), float(strength))
         s = torch.as_tensor(strength, dtype=x.dtype, device=x.device)
         if s.ndim == 0:
             s = s.expand(b)
@@ -126,10 +140,12 @@ class ResizedCrop(Corruption):
         ch = (torch.sqrt(area / log_ratio.exp()) * h).clamp(1, h)
         x0 = self._rand(s) * (w - cw)
         y0 = self._rand(s) * (h - ch)
-        x1, y1 = x0 + cw - 1, y0 + ch - 1
-        boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
-                             torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], 1)
-        return kornia.geometry.transform.crop_and_resize(x, boxes, (h, w))
+        # kornia's crop_and_resize, as the affine map of the box (x0, y0)-(x0+cw-1, y0+ch-1) onto the output
+        # (0, 0)-(w-1, h-1): crop_and_resize builds its corner tensors from Python data on every call
+        sx, sy = (w - 1) / (cw - 1), (h - 1) / (ch - 1)
+        zero = torch.zeros_like(sx)
+        matrix = torch.stack([torch.stack([sx, zero, -sx * x0], -1), torch.stack([zero, sy, -sy * y0], -1)], 1)
+        return kornia.geometry.transform.crop_by_transform_mat(x, matrix, (h, w))
 
     def extra_repr(self):
         return f"scale={self.scale}, ratio=({self.ratio[0]:.3g}, {self.ratio[1]:.3g})"
@@ -167,11 +183,11 @@ class ColorJitter(Corruption):
         CPU demo). The YUV rotation is smooth everywhere, and equal to HSV's shift up to the usual
         perceptual-vs-hexagonal hue difference.
         """
-        yuv = kornia.color.rgb_to_yuv(x)
+        yuv = rgb_to_yuv(x)  # kornia's, with its matrix kept on the device
         cos, sin = angle.cos().view(-1, 1, 1), angle.sin().view(-1, 1, 1)
         u, v = yuv[:, 1], yuv[:, 2]
         rotated = torch.stack([yuv[:, 0], cos * u - sin * v, sin * u + cos * v], 1)
-        return kornia.color.yuv_to_rgb(rotated)
+        return yuv_to_rgb(rotated)
 
     def extra_repr(self):
         return (f"brightness={self.brightness}, contrast={self.contrast}, saturation={self.saturation}, "
@@ -269,10 +285,11 @@ class Perspective(Corruption):
 
     def corrupt(self, x, s):
         h, w = x.shape[-2:]
-        corners = x.new_tensor([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]]).expand(x.shape[0], 4, 2)
-        inwards = x.new_tensor([[1, 1], [-1, 1], [-1, -1], [1, -1]])
+        # constants kept on the device: a tensor from Python data is a blocking host-to-device copy per call
+        corners = constant(((0, 0), (w - 1, 0), (w - 1, h - 1), (0, h - 1)), x.device, x.dtype).expand(x.shape[0], 4, 2)
+        inwards = constant(((w / 2, h / 2), (-w / 2, h / 2), (-w / 2, -h / 2), (w / 2, -h / 2)), x.device, x.dtype)
         d = (s * self._uniform(self.distortion, s)).view(-1, 1, 1)
-        moved = corners + inwards * d * x.new_tensor([w / 2, h / 2]) * self._rand(corners)
+        moved = corners + inwards * d * self._rand(corners)
         matrix = kornia.geometry.transform.get_perspective_transform(corners, moved)
         return kornia.geometry.transform.warp_perspective(x, matrix, (h, w), padding_mode=self.padding_mode)
 
@@ -358,6 +375,8 @@ class JPEG(Corruption):
     def corrupt(self, x, s):
         quality = 100 - s * (100 - self._uniform(self.quality, s))
         if self.mode == "differentiable":
+            # kornia forces two host-device syncs per call here: it checks the quality's range with amin().item()
+            # and amax().item() (skipped only under torch.compile)
             return kornia.enhance.jpeg_codec_differentiable(x, quality)
         return pillow_jpeg(x.detach(), quality) + (x - x.detach())  # exact values, identity gradient
 
@@ -365,11 +384,18 @@ class JPEG(Corruption):
         return f"quality={self.quality}, mode={self.mode!r}"
 
 
+def to_pixels(image: torch.Tensor) -> np.ndarray:
+    """One image (3,H,W) in [0,1] → (H,W,3) uint8, round(255·clamp(x, 0, 1)): the 8-bit file a photo is saved as
+    (stamp.py writes a stamped photo the same way). Every real codec here (pillow_jpeg, augment.forwarding)
+    encodes these pixels."""
+    return (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 def pillow_jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """Real JPEG round trip with Pillow: x (B,3,H,W) in [0,1], quality (B,) → decoded batch, same dtype/device."""
     out = []
     for image, q in zip(x.float().cpu(), quality.tolist()):
-        pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        pixels = to_pixels(image)
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(round(q)))
         decoded = np.asarray(Image.open(buffer).convert("RGB"))

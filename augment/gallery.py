@@ -1,4 +1,4 @@
-"""A picture of one photo under every corruption, at full training and evaluation strength (README's figure).
+"""A picture of one photo under every corruption, at full training and evaluation strength (docs/augmentation.md).
 
     python -m augment.gallery --out docs/corruptions.png
 """

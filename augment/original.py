@@ -11,7 +11,7 @@ set to `per_batch` draws. Two chains exist in the original, with different range
 - train.py --aug (`plain_da`, Table 1's Plain+DA): jitter 0.4 (hue 0), crop scale (0.4, 1), the same blur and
   rotation, perspective 0.4, and one JPEG quality for the whole run, drawn from U(50, 100) when the chain is built.
 
-What differs from torchvision in details (README, Fidelity): bilinear rather than nearest rotation, jitter
+What differs from torchvision in details (docs/fidelity.md): bilinear rather than nearest rotation, jitter
 factors applied in a fixed rather than random order, kornia's differentiable JPEG (Reich et al. 2024) rather
 than DiffJPEG, and a continuous rather than integer JPEG quality.
 """

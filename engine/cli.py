@@ -112,7 +112,7 @@ def build_parser(description: str, script: str) -> argparse.ArgumentParser:
                    help="every setting not given on the command line comes from this recipe: 'original' is the "
                         "original code's training (the paper's experiment: 400x400 MIRFlickr, its encoder and "
                         "detector, batch 64), 'robust' ours for small crops on CPU (the demo and the shipped "
-                        "models). Each flag's help shows both values; see the README, Fidelity")
+                        "models). Each flag's help shows both values; see docs/fidelity.md")
     run = p.add_argument_group("run")
     r = RecipeGroup(p, run, script)
     run.add_argument("--run_name", required=True,
@@ -129,8 +129,9 @@ def build_parser(description: str, script: str) -> argparse.ArgumentParser:
           help="mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); never on CPU")
     run.add_argument("--seed", type=int, default=0, help="seed for initialisation, crops and noise")
     run.add_argument("--workers", type=non_negative_int, default=None,
-                     help="DataLoader worker processes per training process (default: 4 on CUDA, with pinned "
-                          "memory; 0 on CPU where cores are better spent on the model)")
+                     help="DataLoader worker processes per training process (default on CUDA: the process's share "
+                          "of the cores, at most 8, with pinned memory; 0 on CPU, where cores are better spent on "
+                          "the model)")
     run.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                      help="channels_last (NHWC) memory format for the networks and their inputs (default: on, "
                           "except with --compile; --no-channels_last for the plain NCHW layout)")
@@ -140,10 +141,10 @@ def build_parser(description: str, script: str) -> argparse.ArgumentParser:
 
     data = p.add_argument_group("data")
     d = RecipeGroup(p, data, script)
-    d.add("--train_path",
-          help="folder of training images, searched recursively (jpg, jpeg, png, bmp, webp, tif), or 'bundled' "
-               "for the photos scikit-image ships (the robust default; a folder named 'bundled' wins); split "
-               "90/10 train/test, then 2%% of train for validation")
+    d.add("--train_path", nargs="+", metavar="FOLDER",
+          help="one or more folders of training images, searched recursively (jpg, jpeg, png, bmp, webp, tif), "
+               "pooled into one set; or 'bundled' for the photos scikit-image ships (the robust default; a folder "
+               "named 'bundled' wins); split 90/10 train/test, then 2%% of train for validation")
     data.add_argument("--split_seed", type=int, default=0,
                       help="seed of the train/val/test split; keep it fixed across runs you compare")
     d.add("--image_size", type=positive_int, help="side in pixels of the square training images (the paper: 400)")

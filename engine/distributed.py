@@ -3,7 +3,7 @@ training loop needs.
 
 `torchrun --nproc_per_node=N train.py ...` sets RANK, WORLD_SIZE and LOCAL_RANK for each of its N processes; a
 plain `python train.py ...` sets none of them and runs as a single process (rank 0 of 1), with no process group
-and no collective calls at all. Backends: nccl on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on CPU.
+and no collective calls at all. Backends: nccl on CUDA (one GPU per process: cuda_device), gloo on CPU.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def launched_by_torchrun() -> bool:
 def setup(device_name: str = "auto") -> tuple[Dist, torch.device]:
     """(Dist, device) for this process, joining the process group when torchrun started it.
 
-    Under torchrun, `--device auto` or `cuda` means cuda:LOCAL_RANK; a device index is refused when there is more
-    than one process per node (they would all share that GPU), and MPS is refused (no backend supports it).
+    Under torchrun, `--device auto` or `cuda` means cuda_device(LOCAL_RANK); a device index is refused when there is
+    more than one process per node (they would all share that GPU), and MPS is refused (no backend supports it).
     A process group that already exists (a caller that set one up itself) is used as it is.
     """
     if not launched_by_torchrun():
@@ -53,7 +53,7 @@ def setup(device_name: str = "auto") -> tuple[Dist, torch.device]:
     device = pick_device(device_name)
     if device.type == "cuda":
         if device.index is None:
-            device = torch.device("cuda", local_rank)
+            device = cuda_device(local_rank)
         elif local_world > 1:
             raise ValueError(f"--device {device_name}: under torchrun each process takes the GPU of its local rank; "
                              f"use --device cuda (or auto), not one GPU for all {local_world} processes")
@@ -68,6 +68,13 @@ def setup(device_name: str = "auto") -> tuple[Dist, torch.device]:
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 device_id=device if device.type == "cuda" else None)
     return Dist(rank, world, local_rank, enabled=True), device
+
+
+def cuda_device(local_rank: int) -> torch.device:
+    """The GPU of the process with this LOCAL_RANK: cuda:LOCAL_RANK when the process sees every GPU of its node
+    (torchrun's usual case), cuda:(LOCAL_RANK mod the visible count) otherwise; with one process per GPU each
+    seeing only its own (SLURM --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per process) that is cuda:0."""
+    return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
 
 
 def teardown(d: Dist) -> None:

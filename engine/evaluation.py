@@ -7,7 +7,7 @@ from torchvision.utils import save_image
 
 from models import CLEAN, STAMPED
 
-from .device import autocast
+from .device import full_precision
 from .losses import pair_labels
 
 #: SSIM's 11-px Gaussian window needs at least this many pixels per side.
@@ -34,11 +34,11 @@ def border_energy_ratio(residual: torch.Tensor, band: int = 4) -> torch.Tensor:
 @torch.no_grad()
 def stamp_and_scan(encoder, scanner, x: torch.Tensor) -> dict:
     """x (B,3,H,W) in [0,1] → per-image tensors: residual, stamped, logits of the clean and stamped images,
-    PSNR (dB), SSIM, border energy ratio."""
-    with autocast(x.device):
+    PSNR (dB), SSIM, border energy ratio. In fp32 on every device, even inside autocast (see full_precision)."""
+    with full_precision(x.device):
         residual = encoder(x).float()
     stamped = (x + residual).clamp(0, 1)
-    with autocast(x.device):
+    with full_precision(x.device):
         logits = scanner(torch.cat([x, stamped])).float()
     b = x.shape[0]
     psnr = peak_signal_noise_ratio(stamped, x, data_range=1.0, reduction="none", dim=(1, 2, 3))
@@ -78,7 +78,7 @@ def evaluate(encoder, scanner, loader, device, max_images: int | None = None, vi
         }
         for view in views(torch.cat([x, out["stamped"]]), step) if views else []:
             if view.name != "plain":  # the plain view is acc_clean / acc_stamped above
-                with autocast(x.device):
+                with full_precision(x.device):
                     logits = scanner(view.images).float()
                 per_image[f"acc/{view.name}"] = (logits.argmax(1) == pair_labels(x.shape[0], x.device)).float()
         for key, values in per_image.items():
@@ -112,7 +112,7 @@ def save_preview(encoder, image: torch.Tensor, path) -> dict:
     """
     encoder.eval()
     x = image.unsqueeze(0)
-    with autocast(x.device):
+    with full_precision(x.device):
         residual = encoder(x).float()
     stamped = (x + residual).clamp(0, 1)
     save_image(torch.cat([x, stamped, amplify(residual)]).cpu(), path, nrow=3, padding=4, pad_value=1.0)

@@ -1,21 +1,53 @@
 """The paper's losses: residual regularisation L_rr, perceptual L_ps (LPIPS), anti-forwarding L_A."""
 from __future__ import annotations
 
+import os
+import functools
 import warnings
 from dataclasses import dataclass
 
+import kornia
 import torch
-from kornia.color import rgb_to_yuv
+import torch.nn.functional as F
+
+from .device import constant
 
 #: StegaStamp's YUV weights: chroma changes are far more visible per unit than luma changes.
 YUV_WEIGHTS = (1.0, 100.0, 100.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _colour_matrix(name: str) -> tuple:
+    """kornia's 3×3 matrix of kornia.color.<name> (rgb_to_yuv or yuv_to_rgb), read off the identity in float64."""
+    columns = getattr(kornia.color, name)(torch.eye(3, dtype=torch.float64).view(3, 3, 1, 1))[:, :, 0, 0]
+    return tuple(map(tuple, columns.T.tolist()))
+
+
+def _linear_colour(image: torch.Tensor, name: str) -> torch.Tensor:
+    """kornia.color.<name>(image) for (B,3,H,W), with its matrix made once per device and dtype: kornia builds the
+    matrix from Python data on every call, a blocking host-to-device copy on a GPU."""
+    kernel = constant(_colour_matrix(name), image.device, image.dtype)
+    if image.device.type == "cpu":  # kornia's choice too: einsum on CPU, a 1×1 convolution elsewhere
+        return torch.einsum("oi,...ihw->...ohw", kernel, image).contiguous()
+    return F.conv2d(image, kernel.view(3, 3, 1, 1))
+
+
+def rgb_to_yuv(image: torch.Tensor) -> torch.Tensor:
+    """kornia.color.rgb_to_yuv of (B,3,H,W) RGB in [0,1], without a host-to-device copy per call."""
+    return _linear_colour(image, "rgb_to_yuv")
+
+
+def yuv_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """kornia.color.yuv_to_rgb (its exact inverse) of (B,3,H,W) YUV, without a host-to-device copy per call."""
+    return _linear_colour(image, "yuv_to_rgb")
 
 
 def yuv_mse(stamped: torch.Tensor, original: torch.Tensor, weights=YUV_WEIGHTS) -> torch.Tensor:
     """Σ_c w_c · mean((YUV(x') - YUV(x))_c²), both (B,3,H,W) in [0,1] → scalar."""
     diff = rgb_to_yuv(stamped) - rgb_to_yuv(original)
     per_channel = diff.pow(2).mean(dim=(0, 2, 3))
-    return (per_channel * per_channel.new_tensor(weights)).sum()
+    # the weights kept on the device: a tensor from Python data would be a host-to-device copy in every step
+    return (per_channel * constant(tuple(map(float, weights)), per_channel.device, per_channel.dtype)).sum()
 
 
 def residual_regularisation(stamped, original, residual, l1_weight: float = 1.0,
@@ -40,10 +72,16 @@ def load_lpips(device, log=print):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         log(f"LPIPS unavailable, so L_ps is off and LPIPS is not reported: torchvision could not load the "
             f"AlexNet weights ({reason}). To enable it, put alexnet-owt-7be5be79.pth in "
-            f"{torch.hub.get_dir()}/checkpoints/.")
+            f"{_home_as_tilde(torch.hub.get_dir())}/checkpoints/.")
         return None
     model.eval().requires_grad_(False)
     return model.to(device)
+
+
+def _home_as_tilde(path: str) -> str:
+    """A path under the user's home written with ~ (it is read in model cards, which travel between machines)."""
+    home = os.path.expanduser("~")
+    return "~" + path[len(home):] if home != "~" and path.startswith(home + os.sep) else path
 
 
 def perceptual_loss(lpips_model, stamped, original) -> torch.Tensor:

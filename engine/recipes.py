@@ -3,8 +3,8 @@ small crops on CPU (`robust`, what the demo and the shipped models use).
 
 A recipe is a table of flag values. `engine.cli.parse` fills every flag the command line did not give from the table
 before anything is built; a flag given explicitly always wins. Nothing else in the project reads the recipe's
-name: the code branches on the settings themselves (`clamp_stamp`, `aug_chain`, `train_crop`, ...). The README's
-Fidelity table lists each difference, why `robust` makes it, and the flag that restores the original.
+name: the code branches on the settings themselves (`clamp_stamp`, `aug_chain`, `train_crop`, ...). The Fidelity
+table (docs/fidelity.md) lists each difference, why `robust` makes it, and the flag that restores the original.
 """
 from __future__ import annotations
 

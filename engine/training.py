@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -176,7 +177,7 @@ class Trainer:
             self.scanner.compile()
         self.model = _Pair(self.encoder, self.scanner, views, device, args.clamp_stamp, self.amp)
         if dist.enabled:
-            # Per-rank BatchNorm, not SyncBatchNorm (see README, "Scaling out and speed"); rank 0's buffers (the
+            # Per-rank BatchNorm, not SyncBatchNorm (see docs/training.md, several GPUs); rank 0's buffers (the
             # running statistics) are copied to the others before each forward. Every parameter takes part in
             # every step, so find_unused_parameters stays off.
             device_ids = [device.index] if device.type == "cuda" else None
@@ -188,17 +189,9 @@ class Trainer:
         """Weights, optimiser, schedule and loss scale from a checkpoint (the RNG is the caller's business)."""
         self.encoder.load_state_dict(checkpoint["encoder"])
         self.scanner.load_state_dict(checkpoint["scanner"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        # Adam's moments come back in the memory format they were saved in; give them their parameter's, which
-        # the fused CUDA kernel needs and which --channels_last may have changed since.
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                state = self.optimizer.state.get(p, {})
-                for key, value in state.items():
-                    if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
-                        state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+        load_optimizer_state(self.optimizer, checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
+        load_scaler_state(self.scaler, checkpoint["scaler"], self.log)
 
     def state(self, step: int) -> dict:
         """The checkpoint of this trainer at `step`: tensors and plain values only."""
@@ -233,8 +226,10 @@ class Trainer:
     def step(self, x: torch.Tensor, step: int) -> dict:
         """One optimisation step on a batch x (B,3,H,W) in [0,1] on the trainer's device.
 
-        Returns the step's loss terms and accuracies as 0-d tensors on the device: nothing here waits for the
-        device, the caller reads them (`.item()`) only when it logs.
+        Returns the step's loss terms and accuracies as 0-d tensors on the device, which the caller reads
+        (`.item()`) only when it logs. Nothing here waits for the device (tests/test_cuda_path.py counts it with
+        engine.hostsync), except kornia's differentiable JPEG in an augmented view: it reads its quality range
+        back to check it (two reads per call; kornia skips them only under torch.compile).
         """
         args = self.args
         self._train_mode(step)
@@ -266,6 +261,58 @@ class Trainer:
         terms.update({"loss/total": loss.detach(), "loss/L_rr": loss_rr.detach(), "loss/L_ps": loss_ps.detach(),
                       "loss/L_A": loss_a.detach(), "train/psnr": -10 * torch.log10(mse.clamp_min(1e-12))})
         return terms
+
+
+#: Adam's options that say how it runs on this device, not what it computes: a resumed optimiser keeps the ones it
+#: was built with here, not the saved ones (a CPU checkpoint would turn fused Adam off on CUDA).
+IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict(state), keeping the implementation options the optimiser was built with.
+
+    torch's load_state_dict takes every option from the saved groups, so a checkpoint written on CPU and resumed
+    on CUDA would leave Adam unfused, with its step counts on the CPU. Here the options in IMPLEMENTATION_OPTIONS
+    are restored after loading, the step counts go where the implementation wants them (the parameter's device,
+    float32, when fused or capturable; the CPU otherwise), and every other state tensor goes to its parameter's
+    device in its parameter's memory format (the fused CUDA kernel needs matching strides, and --channels_last
+    may have changed since).
+    """
+    built = [{k: g[k] for k in IMPLEMENTATION_OPTIONS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, options in zip(optimizer.param_groups, built):
+        group.update(options)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for p in group["params"]:
+            p_state = optimizer.state.get(p, {})
+            for key, value in p_state.items():
+                if not torch.is_tensor(value):
+                    continue
+                if key == "step":
+                    p_state[key] = value.to(device=p.device if on_device else "cpu",
+                                            dtype=torch.float32 if on_device else value.dtype)
+                elif value.shape == p.shape and (value.device != p.device or value.stride() != p.stride()):
+                    p_state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict, log=print) -> None:
+    """scaler.load_state_dict(state); a checkpoint without a loss scale (written with the scaler off: on CPU, with
+    bf16 or with --amp off) leaves an enabled scaler at its initial scale, with one line saying so."""
+    if scaler.is_enabled() and not state:
+        log("note: the checkpoint holds no fp16 loss scale (written on CPU, with bf16 or with --amp off): the loss "
+            "scale starts afresh")
+        return
+    scaler.load_state_dict(state)
+
+
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers per process when --workers is not given: none on CPU (they would take the cores that
+    train), else this process's share of the cores it may use (the node's, divided among torchrun's
+    LOCAL_WORLD_SIZE processes), at most 8 and at least 1."""
+    if device.type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
 
 
 class _NoWriter:
@@ -307,7 +354,7 @@ class _Run:
     def _build_data(self):
         args, d = self.args, self.dist
         self.eval_size = args.eval_size or args.image_size
-        paths = resolve_image_paths(_train_path(args.train_path), log=self.log)
+        paths = [p for folder in _train_paths(args.train_path) for p in resolve_image_paths(folder, log=self.log)]
         self.split = split_files(paths, seed=args.split_seed)
         self.log(f"data: {len(self.split.train)} train, {len(self.split.val)} val, {len(self.split.test)} test images")
         if args.max_crop_scale != 1.0 and args.train_crop != "random":
@@ -334,7 +381,7 @@ class _Run:
         else:
             self.sampler = RandomSampler(train_set, num_samples=per_pass)
             dataset = train_set
-        workers = args.workers if args.workers is not None else (4 if self.device.type == "cuda" else 0)
+        workers = args.workers if args.workers is not None else default_workers(self.device)
         self.train_loader = DataLoader(dataset, args.batch_size, sampler=self.sampler, drop_last=True,
                                        num_workers=workers, pin_memory=self.device.type == "cuda",
                                        persistent_workers=workers > 0)
@@ -434,16 +481,24 @@ def _quiet(*args, **kwargs):
     pass
 
 
+def _train_paths(value) -> list:
+    """--train_path (one folder, or a list of them) → what datasets.resolve_image_paths takes, one per folder."""
+    folders = [value] if value is None or isinstance(value, (str, Path)) else list(value)
+    if len(set(map(str, folders))) != len(folders):
+        raise ValueError(f"--train_path: a folder is named twice ({' '.join(map(str, folders))})")
+    return [_train_path(folder) for folder in folders]
+
+
 def _train_path(path):
-    """--train_path → what datasets.resolve_image_paths takes: None for the bundled photos ('bundled', unless a
-    folder of that name exists); the original's default ./mirflickr/, when missing, is explained in one line."""
+    """One --train_path → what datasets.resolve_image_paths takes: None for the bundled photos ('bundled', unless
+    a folder of that name exists); the original's default ./mirflickr/, when missing, is explained in one line."""
     if path is None or (path == "bundled" and not Path(path).exists()):
         return None
     if path == MIRFLICKR_DIR and not Path(path).is_dir():
         raise FileNotFoundError(
             f"{MIRFLICKR_DIR}: not found. The original recipe trains on MIRFlickr-25k in ./mirflickr/: download "
             f"mirflickr25k.zip from https://press.liacs.nl/mirflickr/ and unzip it here, or pass --train_path to a "
-            f"folder prepared with `python -m datasets.prepare` (README, 'MIRFlickr-25k and MetFaces'); to try it on "
+            f"folder prepared with `python -m datasets.prepare` (docs/data.md); to try it on "
             f"the photos scikit-image ships, pass --train_path bundled")
     return path
 
@@ -474,8 +529,8 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
         + ("; torch.compile" if getattr(args, "compile", False) else ""))
     batches = r.batches()
     step = r.start_step
-    sums, n_sum = defaultdict(float), 0
-    finite, interval_start = [], step  # per step: which loss terms were finite (named when one is not)
+    sums, n_sum = defaultdict(float), defaultdict(int)  # per term: its sum and its steps in this log interval
+    finite, interval_start = [], step  # per step: (its terms, which were finite), named when one is not
     saved = step if r.run.last_checkpoint.exists() else None
     val = {}
     t0, images_seen = time.time(), 0
@@ -490,8 +545,9 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
             bar.update(1)
             for k, v in terms.items():
                 sums[k] = sums[k] + v  # stays on the device: no synchronisation until we log
-            finite.append(torch.stack([torch.as_tensor(terms[k]).isfinite() for k in sorted(terms)]))
-            n_sum += 1
+                n_sum[k] += 1  # a term can join mid-interval (the augmented view at --aug_start)
+            names = sorted(terms)
+            finite.append((names, torch.stack([torch.as_tensor(terms[k]).isfinite() for k in names])))
             if (step % args.log_every == 0 or step == r.stop_step or step % args.save_every == 0
                     or (stop.requested and not d.enabled)):
                 # The one synchronisation point, and always one before a checkpoint is written: the means over
@@ -501,7 +557,7 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
                 keys = sorted(sums)
                 weights_finite = torch.stack([t.isfinite().all() for m in (r.encoder, r.scanner)
                                               for t in m.state_dict().values() if t.is_floating_point()]).all()
-                packed = torch.stack([torch.as_tensor(sums[k], device=device, dtype=torch.float32) / n_sum
+                packed = torch.stack([torch.as_tensor(sums[k], device=device, dtype=torch.float32) / n_sum[k]
                                       for k in keys] + [torch.tensor(float(stop.requested), device=device),
                                                         (~weights_finite).float()])
                 packed = all_reduce_mean(d, packed).tolist()
@@ -515,11 +571,11 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
                                  **{k[4:]: f"{v:.2f}" for k, v in means.items() if k.startswith("acc/")}})
                 if weights_bad or not all(math.isfinite(v) for v in means.values()):
                     bar.close()
-                    raise FloatingPointError(_nonfinite(finite, keys, interval_start, step, means, weights_bad)
+                    raise FloatingPointError(_nonfinite(finite, interval_start, step, means, weights_bad)
                                              + (f"; the last checkpoint ({r.run.last_checkpoint}, step {saved}) is "
                                                 f"kept, nothing was saved after it" if saved is not None else
                                                 "; no checkpoint was saved"))
-                sums, n_sum = defaultdict(float), 0
+                sums, n_sum = defaultdict(float), defaultdict(int)
                 finite, interval_start = [], step
                 if stop_requested:
                     r.save(step)
@@ -531,8 +587,12 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
                 # Rank 0 alone; the others wait for it in the next step's gradient all-reduce.
                 val = r.validate(step)
                 by_view = "".join(f", {k[4:]} {v:.3f}" for k, v in val.items() if k.startswith("acc/"))
-                bar.write(f"step {step}: val acc {val['acc']:.3f} (clean {val['acc_clean']:.3f}, stamped "
-                          f"{val['acc_stamped']:.3f}{by_view}), PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}")
+                photos = len(r.split.val)
+                # The counts go with the figures: a validation split of one or two photos (the bundled photos give
+                # one) swings between 0 and 1 and says little; the held-out test figures at the end say more.
+                bar.write(f"step {step}: validation on {val['n']} crops of {photos} photo{'s' * (photos != 1)}: acc "
+                          f"{val['acc']:.3f} (clean {val['acc_clean']:.3f}, stamped {val['acc_stamped']:.3f}"
+                          f"{by_view}), PSNR {val['psnr']:.2f} dB, SSIM {val['ssim']:.4f}")
             if step % args.save_every == 0 or step == r.stop_step:
                 r.save(step)
                 saved = step
@@ -594,14 +654,17 @@ def _finish(r: _Run, step: int, train_seconds: float, images_seen: int, val: dic
     return summary
 
 
-def _nonfinite(finite: list, keys: list, start: int, step: int, means: dict, weights_bad: bool) -> str:
-    """What went non-finite, and at which step: from this rank's per-step flags (one (terms,) bool tensor per
-    step since step `start`), else from the means over the ranks, else the weights."""
-    flags = torch.stack(finite).cpu() if finite else torch.ones(0, len(keys), dtype=torch.bool)
-    rows = (~flags).any(1).nonzero().flatten().tolist()
-    if rows:
-        bad = [k for k, ok in zip(keys, flags[rows[0]].tolist()) if not ok]
-        return f"non-finite {', '.join(bad)} at step {start + rows[0] + 1}"
+def _nonfinite(finite: list, start: int, step: int, means: dict, weights_bad: bool) -> str:
+    """What went non-finite, and at which step: from this rank's per-step flags (one (names of the step's terms,
+    (terms,) bool tensor) per step since step `start`; the terms may differ from step to step), else from the
+    means over the ranks, else the weights."""
+    flags = torch.cat([f for _, f in finite]).tolist() if finite else []  # one read of the device
+    at = 0
+    for row, (names, _) in enumerate(finite):
+        ok, at = flags[at:at + len(names)], at + len(names)
+        if not all(ok):
+            bad = [k for k, good in zip(names, ok) if not good]
+            return f"non-finite {', '.join(bad)} at step {start + row + 1}"
     bad = [k for k, v in means.items() if not math.isfinite(v)]
     if bad:
         return f"non-finite {', '.join(bad)} in steps {start + 1}-{step} (on another rank)"

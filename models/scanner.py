@@ -25,7 +25,7 @@ RESNETS = {
 #: convolutions): a convolution that never sees a padded border cannot tell where the border is, so, like
 #: replicate padding in the ResNets, it gives the encoder no reason to hide the stamp in a stripe along it,
 #: and it costs nothing (replicate padding made the same network ~3x slower on CPU). Measured at 400×400,
-#: batch 8, channels_last, 2 CPU cores: 299–447 images/s, about 4x 'narrow' in the same runs (README).
+#: batch 8, channels_last, 2 CPU cores: 299–447 images/s, about 4x 'narrow' in the same runs (docs/models.md).
 FAST_LAYERS = ((16, 4, 4), (32, 3, 2), (32, 3, 1), (64, 3, 2), (64, 3, 1), (128, 3, 2), (128, 1, 1))
 #: 'deepraft' is the original code's small detector (models.original), 400×400 only.
 ARCHS = (*RESNETS, "fast", "deepraft")

@@ -3,6 +3,11 @@
 Each condition is a name and a function of a batch (B,3,H,W) in [0,1]. Fixed-strength corruptions are the
 registry's modules with a one-point range (lo == hi), applied at strength 1; geometric ones keep a random
 sign or direction per image. JPEG is always real (Pillow).
+
+The forwarding block (Table 1b) is what a messaging app does to a photo it forwards: real codecs and real
+resampling on the 8-bit file (augment.forwarding), each a name and a Forwarding; the photo keeps the size the
+app gives it (downscaled, cropped), unless `prepare` (the scanner's own preparation of a received file) says
+otherwise.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Callable
 import torch
 
 from augment import StochasticChain, build
+from augment.forwarding import JPEG, CentreCrop, Downscale, Forwarding, WebP
 
 Condition = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,4 +56,20 @@ def table1_conditions() -> dict[str, Condition | None]:
         "JPEG q75": fixed("jpeg", quality=(75, 75)),
         "JPEG q50": fixed("jpeg", quality=(50, 50)),
         "mixed chain (JPEG q75)": mixed_chain(),
+    }
+
+
+def forwarding_conditions(prepare=None) -> dict[str, Forwarding]:
+    """name → Forwarding, in the order Table 1b shows them: what a messaging app does to a photo. Every one
+    starts from the photo saved as 8-bit pixels. `prepare`: (h,w,3) uint8 → uint8, what the scanner does to the
+    received file before judging it (evaluate.py: fitting it to a fixed-size network's input), None: nothing."""
+    def forwarding(*steps):
+        return Forwarding(*steps, prepare=prepare)
+
+    return {
+        "JPEG q60 (4:2:0)": forwarding(JPEG(60)),
+        "JPEG q75 (4:2:0)": forwarding(JPEG(75)),
+        "WebP q75": forwarding(WebP(75)),
+        "downscale to 75% (Lanczos), JPEG q80 (4:2:0)": forwarding(Downscale(0.75), JPEG(80)),
+        "centre crop 90% of each side, JPEG q85 (4:2:0)": forwarding(CentreCrop(0.9), JPEG(85)),
     }

@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from engine.device import autocast
+from engine.device import full_precision
 from models import STAMPED
 from smoothing import Smooth
 
@@ -67,7 +67,7 @@ class Judge:
         logits = []
         for chunk in x.split(self.batch_size):
             chunk = chunk.to(device)
-            with autocast(device):
+            with full_precision(device):  # fp32, as Smooth and the attacks: one calibration for every device
                 logits.append(self.scanner(chunk).float().cpu())
         logits = torch.cat(logits) if logits else torch.zeros(0, 2)
         return logits.argmax(1), logits[:, STAMPED] - logits[:, 1 - STAMPED]

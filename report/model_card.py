@@ -83,7 +83,7 @@ def write_card(run_dir: Path, out: Path, title: str, commands: list[str], eval_d
         f"- wall time: {seconds / 60:.1f} min for steps {resumed}–{summary['step']} "
         f"({summary['train_images_per_second']} images/s)" if seconds else "- wall time: not recorded",
         f"- machine: {machine()}",
-        f"- data: `{args.get('train_path') or 'the scikit-image sample photos'}`, split 90/10 train/test with "
+        f"- data: {_data_text(args.get('train_path'))}, split 90/10 train/test with "
         f"--split_seed {args.get('split_seed', 0)}, 2% of train for validation; the test photos were never trained on",
         f"- fine-tuned from: `{args['init_from']}`" if args.get("init_from") else "- trained from scratch",
         f"- encoder: {config['encoder']}; scanner: {config['scanner']}"
@@ -128,3 +128,11 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _data_text(train_path) -> str:
+    """--train_path as recorded in args.json (a folder, a list of folders, or None) → the card's words."""
+    if not train_path or train_path == "bundled" or train_path == ["bundled"]:
+        return "the scikit-image sample photos"
+    folders = [train_path] if isinstance(train_path, str) else train_path
+    return " + ".join(f"`{folder}`" for folder in folders)

@@ -71,7 +71,8 @@ def setting_differences(run_args: dict, config: dict, data: str, size_text: str)
     out = []
     if "mirflickr" not in (data or "").lower():
         out.append(f"evaluated on {data}, not MIRFlickr-25k")
-    train_path = str(run_args.get("train_path") or config.get("train_path") or "")
+    train_path = run_args.get("train_path") or config.get("train_path") or ""
+    train_path = train_path if isinstance(train_path, str) else " + ".join(map(str, train_path))
     if train_path and "mirflickr" not in train_path.lower():
         out.append(f"trained on {train_path}, not MIRFlickr-25k")
     if "400×400" not in size_text and "400x400" not in size_text:

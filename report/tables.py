@@ -1,5 +1,6 @@
 """results.json → tables.md and CSV files, in the paper's layout (Table 1 detection, Table 2
-imperceptibility, Table 3 adversarial robustness), plus calibration, forgery and certification.
+imperceptibility, Table 3 adversarial robustness), plus Table 1b (detection after forwarding), calibration,
+forgery and certification.
 
 Everything here reads the results dict that evaluate.py writes as results.json, so the markdown, the CSVs
 and the JSON cannot disagree.
@@ -56,21 +57,36 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
     return "\n".join(lines)
 
 
-def table1_rows(results: dict) -> list[dict]:
+def table1_rows(results: dict, key: str = "table1") -> list[dict]:
+    """Rows of Table 1 (key "table1"), with the paper's overall accuracy beside "none", or of Table 1b (key
+    "forwarding": none when it was skipped; the paper has no such table), one per condition."""
+    return _with_paper(results, results.get(key), key)
+
+
+def _with_paper(results: dict, table: dict | None, key: str) -> list[dict]:
+    if key != "table1":
+        return [{"condition": name, **row} for name, row in (table or {}).items()]
     paper = _paper(results).get("table1")
     return [{"condition": name, **row, "paper_acc_pct": paper if name == "none" else None}
-            for name, row in results["table1"].items()]
+            for name, row in (table or {}).items()]
 
 
-def table1_md(results: dict) -> str:
-    if any("fpr" in r for r in table1_rows(results)):  # a scanner-only model: clean photos only
+def forwarding_rows(results: dict) -> list[dict]:
+    """Rows of Table 1b, forwarding (results["forwarding"]; [] when it was skipped)."""
+    return table1_rows(results, "forwarding")
+
+
+def table1_md(results: dict, key: str = "table1") -> str:
+    if any("fpr" in r for r in table1_rows(results, key)):  # a scanner-only model: clean photos only
         rows = [[r["condition"], pct(r["acc_clean"]), pct(r["fpr"]), pct(r["abstain"]), str(r["n"])]
-                for r in table1_rows(results)]
+                for r in table1_rows(results, key)]
         return _table(["condition", "clean read as clean %", "false positives %", "abstained %", "photos"], rows)
+    paper = key == "table1"
     rows = [[r["condition"], pct(r["acc_clean"]), pct(r["acc_stamped"]), pct(r["acc"]), pct(r["abstain"]),
-             num(r["auc"], 4), str(r["n"]), _paper_pct(r["paper_acc_pct"])] for r in table1_rows(results)]
-    return _table(["condition", "clean %", "stamped %", "overall %", "abstained %", "ROC-AUC", "photos",
-                   "paper overall %"], rows)
+             num(r["auc"], 4), str(r["n"])] + ([_paper_pct(r["paper_acc_pct"])] if paper else [])
+            for r in table1_rows(results, key)]
+    return _table(["condition", "clean %", "stamped %", "overall %", "abstained %", "ROC-AUC", "photos"]
+                  + (["paper overall %"] if paper else []), rows)
 
 
 def table2_rows(results: dict, table: dict | None = None) -> list[dict]:
@@ -136,17 +152,17 @@ def original_table3_md(results: dict) -> str:
     return _table(["attack", "ε (L∞)", "clean %", "stamped %", "overall %", "paper overall %"], rows, "llrrrr")
 
 
-def original_table1_rows(results: dict) -> list[dict]:
-    original = results.get("original") or {}
-    paper = _paper(results).get("table1")
-    return [{"condition": name, **row, "paper_acc_pct": paper if name == "none" else None}
-            for name, row in (original.get("table1") or {}).items()]
+def original_table1_rows(results: dict, key: str = "table1") -> list[dict]:
+    """The original protocol's Table 1 (key "table1") or Table 1b (key "forwarding"), one row per condition."""
+    return _with_paper(results, (results.get("original") or {}).get(key), key)
 
 
-def original_table1_md(results: dict) -> str:
-    rows = [[r["condition"], pct(r["acc_clean"]), pct(r["acc_stamped"]), pct(r["acc"]), str(r["n"]),
-             _paper_pct(r["paper_acc_pct"])] for r in original_table1_rows(results)]
-    return _table(["condition", "clean %", "stamped %", "overall %", "photos", "paper overall %"], rows)
+def original_table1_md(results: dict, key: str = "table1") -> str:
+    paper = key == "table1"
+    rows = [[r["condition"], pct(r["acc_clean"]), pct(r["acc_stamped"]), pct(r["acc"]), str(r["n"])]
+            + ([_paper_pct(r["paper_acc_pct"])] if paper else []) for r in original_table1_rows(results, key)]
+    return _table(["condition", "clean %", "stamped %", "overall %", "photos"] + (["paper overall %"] if paper else []),
+                  rows)
 
 
 def calibration_md(results: dict) -> str:
@@ -181,6 +197,7 @@ def render_markdown(results: dict) -> str:
         "## Table 1: detection accuracy", table1_md(results),
         "Clean: photos read as clean; stamped: stamped photos read as stamped; overall: their mean. Each "
         "condition is applied to the clean and the stamped photo before scanning; JPEG is real (Pillow).",
+        *forwarding_md(results),
         "## Table 2: imperceptibility", table2_md(results),
     ]
     if results.get("table3"):
@@ -212,14 +229,28 @@ def render_markdown(results: dict) -> str:
     return "\n\n".join(p for p in parts if p) + "\n"
 
 
+def forwarding_md(results: dict) -> list[str]:
+    """Table 1b's section of tables.md ([] when it was skipped)."""
+    if not results.get("forwarding"):
+        return []
+    how = results["settings"].get("forwarding") or {}
+    steps = "; ".join(f"{name}: {text}" for name, text in (how.get("conditions") or {}).items())
+    return ["## Table 1b: forwarding (what a messaging app does to a photo)", table1_md(results, "forwarding"),
+            "Each photo, clean and stamped alike, is saved as 8-bit pixels, sent through real codecs (Pillow), and "
+            f"judged as in Table 1, per photo; {how.get('judged', '')}. {steps}."]
+
+
 def original_md(results: dict) -> list[str]:
     """The original protocol's section of tables.md: how the original code scored, so that the paper's numbers
     can stand beside ours."""
     o = results["original"]
     parts = ["## The original protocol",
-             "How the original code scored its models, and so how the paper's numbers were made (README, "
-             "Evaluation): no vote and no abstention, attacks on the base scanner without noise.",
+             "How the original code scored its models, and so how the paper's numbers were made (docs/"
+             "evaluation.md): no vote and no abstention, attacks on the base scanner without noise.",
              "### Table 1 (original protocol)", original_table1_md(results), f"Judged by {o['table1_judge']}."]
+    if o.get("forwarding"):
+        parts += ["### Table 1b: forwarding (original protocol)", original_table1_md(results, "forwarding"),
+                  f"The forwarded photos of Table 1b, judged by {o['table1_judge']}."]
     if o.get("table2"):
         parts += ["### Table 2 (original protocol)", table2_md(results, o["table2"], unit="batches"),
                   o["table2"].get("note", "")]
@@ -239,10 +270,12 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def write_csvs(results: dict, out: Path) -> list[Path]:
-    """table1.csv, table2.csv, table3.csv, calibration.csv, certification.csv (those that apply)."""
+    """table1.csv, forwarding.csv, table2.csv, table3.csv, calibration.csv, certification.csv and the original
+    protocol's (those that apply)."""
     written = []
-    tables = {"table1": table1_rows(results), "table2": table2_rows(results), "table3": table3_rows(results),
-              "original_table1": original_table1_rows(results),
+    tables = {"table1": table1_rows(results), "forwarding": forwarding_rows(results), "table2": table2_rows(results),
+              "table3": table3_rows(results), "original_table1": original_table1_rows(results),
+              "original_forwarding": original_table1_rows(results, "forwarding"),
               "original_table2": table2_rows(results, (results.get("original") or {}).get("table2") or {}),
               "original_table3": original_table3_rows(results),
               "calibration": [{k: v for k, v in p.items() if k != "tpr_ci"} | {"tpr_ci_low": p["tpr_ci"][0],

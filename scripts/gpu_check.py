@@ -1,18 +1,27 @@
 """The GPU check: one short script that exercises every CUDA path of the project and prints what it measured.
 
-    bash scripts/gpu_check.sh            # on a GPU: at most about 8 minutes
+    bash scripts/gpu_check.sh            # on a GPU: about 8 minutes, plus the step profile (estimated 2-3)
     python scripts/gpu_check.py --tiny   # the same entries at tiny sizes on CPU (tests/test_gpu_check.py)
 
 Entries, in order: each training script with --recipe original (the original encoder and detector, 400×400,
 batch 64) for --steps steps with AMP off and on; train.py under torchrun with one process; evaluate.py --quick on
-the first run; bench.py --quick. Each entry prints one line: its wall time, training images/s (from the run's
-summary.json) and peak GPU memory; a failing entry prints its error and the check goes on, exiting 1 at the end.
+the first run; bench.py --quick; then the step profile: the training step of each script with each recipe (its
+own networks, batch, AMP and padding; train_rs_aug.py with every corruption at full strength), with channels_last
+on and off. Each entry prints one line: its wall time, training images/s (from the run's summary.json, or timed
+over --profile_steps steps) and peak GPU memory; a profile line adds the host-device synchronisations per step,
+as CUDA reports them (torch.cuda.set_sync_debug_mode) and as engine.hostsync counts them (with the code lines
+that cause them, printed below). The profile ends with channels_last off against on per script and recipe: the
+measurement that decides the CUDA default (engine.device.use_channels_last). A failing entry prints its error and
+the check goes on, exiting 1 at the end. --only TEXT runs the entries whose label contains TEXT.
+
 With --tiny the networks are replaced by tiny fully convolutional ones at 32 px (everything else is the same
-code path) and bench.py is left out (tests/test_bench.py runs it), so that the check itself is tested on CPU.
+code path; the synchronisations are engine.hostsync's CPU simulation) and bench.py is left out
+(tests/test_bench.py runs it), so that the check itself is tested on CPU.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -49,9 +58,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="auto, cuda, cpu")
     p.add_argument("--tiny", action="store_true", help="tiny networks at 32 px, 2 steps, batch 2: for CPU tests")
     p.add_argument("--out", type=Path, default=None, help="folder for the runs (default: a temporary folder)")
+    p.add_argument("--profile_steps", type=int, default=10, help="timed training steps per step-profile entry")
+    p.add_argument("--only", default=None, help="run only the entries whose label contains this text")
     args = p.parse_args(argv)
     if args.tiny:
         args.steps, args.batch_size = min(args.steps, 2), min(args.batch_size, 2)
+        args.profile_steps = min(args.profile_steps, 2)
     out = args.out or Path(tempfile.mkdtemp(prefix="gpu_check_"))
     base = ["--recipe", "original", "--train_path", "bundled", "--results_dir", str(out), "--device", args.device,
             "--batch_size", str(args.batch_size), "--max_step", str(args.steps), "--val_every", str(10 ** 9),
@@ -62,6 +74,8 @@ def main(argv=None) -> int:
     failures, rows = [], []
 
     def entry(label, fn):
+        if args.only and args.only not in label:
+            return
         _reset_peak()
         t0 = time.time()
         try:
@@ -114,12 +128,86 @@ def main(argv=None) -> int:
 
     if not args.tiny:  # tests/test_bench.py runs bench.py --quick on CPU already
         entry("bench.py --quick", bench_quick)
+
+    speeds, sites = {}, {}
+    for script in ("train", "train_rs", "train_rs_aug"):
+        for recipe in ("original", "robust"):
+            for layout in ("on", "off"):
+                def run_profile(script=script, recipe=recipe, layout=layout):
+                    result = profile_step(script, recipe, layout == "on", args)
+                    speeds[(script, recipe, layout)] = result["img_s"]
+                    if result["sites"]:
+                        sites[(script, recipe)] = result["sites"]
+                    return result["detail"]
+                entry(f"step profile {script}.py --recipe {recipe} channels_last {layout}", run_profile)
+    if sites:
+        print("\n== host-device synchronisations per step, where (engine.hostsync; channels_last does not change them)")
+        for (script, recipe), text in sites.items():
+            print(f"{script}.py --recipe {recipe}:\n  " + text.replace("\n", "\n  "))
+    layouts = [f"{script}.py --recipe {recipe}: off {speeds[(script, recipe, 'off')]:.1f}, on "
+               f"{speeds[(script, recipe, 'on')]:.1f} img/s (on/off ×"
+               f"{speeds[(script, recipe, 'on')] / speeds[(script, recipe, 'off')]:.2f}): faster "
+               f"{'on' if speeds[(script, recipe, 'on')] > speeds[(script, recipe, 'off')] else 'off'}"
+               for script in ("train", "train_rs", "train_rs_aug") for recipe in ("original", "robust")
+               if (script, recipe, "on") in speeds and (script, recipe, "off") in speeds]
+    if layouts:
+        print("\n== channels_last: off vs on (on CUDA this decides engine.device.use_channels_last)\n"
+              + "\n".join(layouts))
     print("\n== GPU check summary\n" + "\n".join(rows))
     if failures:
         print(f"{len(failures)} of {len(rows)} entries failed: {', '.join(failures)}")
         return 1
     print(f"all {len(rows)} entries passed")
     return 0
+
+
+def profile_step(script: str, recipe: str, channels_last: bool, args) -> dict:
+    """The training step of `script` with `recipe`'s settings (LPIPS off: its weights are a download), as
+    bench.py builds it (engine.training.Trainer, random crops of the bundled photos, no data loader): 2 warm-up
+    steps, 2 counted steps (CUDA's synchronisations and engine.hostsync's count), then --profile_steps timed ones.
+    → {"img_s", "detail" (the entry's line), "sites" (where the counted synchronisations come from)}."""
+    import bench
+    from engine.device import configure_speed, pick_device
+    from engine.hostsync import HostSyncCounter, cuda_sync_warnings, optimizer_host_tensors
+    from engine.training import Trainer
+
+    device = pick_device(args.device)
+    flags = ["--run_name", "profile", "--recipe", recipe, "--device", str(device), "--lps_w", "0",
+             "--channels_last" if channels_last else "--no-channels_last"]
+    if args.tiny:
+        flags += [*TINY_NETS, "--batch_size", "2"]
+    if script == "train_rs_aug":
+        flags += ["--aug_start", "0", "--aug_end", "0", "--aug_prb", "1"]  # every corruption, at full strength
+    _, targs, views = importlib.import_module(script).parse(flags)
+    configure_speed(device)
+    torch.manual_seed(0)
+    trainer = Trainer(targs, views, device, log=lambda *a: None)
+    batches = [b.to(device) for b in bench.training_batches(bench.load_photos(), targs.image_size, targs.batch_size,
+                                                            count=2)]
+    step = 0
+
+    def steps(n):
+        nonlocal step
+        for _ in range(n):
+            trainer.step(batches[step % 2], step)
+            step += 1
+
+    steps(2)
+    counted = 2
+    with cuda_sync_warnings(device) as reported, HostSyncCounter(device, optimizer_host_tensors(trainer.optimizer)) \
+            as counter:
+        steps(counted)
+    seconds = bench.once(lambda: steps(args.profile_steps), device)
+    img_s = args.profile_steps * targs.batch_size / seconds
+    kinds = ", ".join(f"{n / counted:g} {kind}" for kind, n in sorted(counter.counts.items())) or "none"
+    if device.type == "cuda":
+        detail = (f"{len(reported) / counted:g} syncs/step (CUDA), {counter.total / counted:g} counted ({kinds}); "
+                  f"{img_s:.1f} img/s")
+    else:
+        detail = f"{counter.total / counted:g} syncs/step (simulated: {kinds}); {img_s:.1f} img/s"
+    return {"img_s": img_s, "detail": f"batch {targs.batch_size}, {targs.image_size}²: {detail}",
+            "sites": "\n".join(f"{n / counted:g}× {kind} at {site}"
+                               for (kind, site), n in counter.sites.most_common())}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from datasets import ImageFolderDataset, resolve_image_paths
 from engine.cli import HelpFormatter, non_negative_int, positive_float, positive_int, significance
-from engine.device import autocast, pick_device
+from engine.device import full_precision, pick_device
 from models import CLEAN, STAMPED, load_pretrained
 from models.io import CONFIG_NAME
 
@@ -60,8 +60,8 @@ class CertifyRow:
 
 @torch.no_grad()
 def stamp(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x (B,3,H,W) in [0,1] → stamped x' = clamp(x + E(x), 0, 1), same shape, in fp32 (as in training)."""
-    with autocast(x.device):
+    """x (B,3,H,W) in [0,1] → stamped x' = clamp(x + E(x), 0, 1), same shape, in fp32 on every device."""
+    with full_precision(x.device):
         residual = encoder(x)
     return (x + residual.float()).clamp(0, 1)
 

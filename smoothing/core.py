@@ -17,6 +17,8 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from torch import nn
 
+from engine.device import full_precision
+
 from .sequential import sequential_decide
 
 #: Returned instead of a class when the smoothed classifier does not commit to one.
@@ -93,8 +95,18 @@ def threshold_radius(votes: int, n: int, threshold: float, sigma: float, alpha: 
 #: batch. Activations of a larger call are tensors of hundreds of MB, which the C allocator maps fresh from the
 #: kernel (above its 32 MB mmap threshold) and faults in page by page on every call: with the narrow scanner at
 #: 400² and batch 100, half the time went to the kernel. Chunks of 8 reuse the same heap memory and run in
-#: channels_last, oneDNN's fast layout. GPUs cache their memory and want large batches: no chunks there.
+#: channels_last, oneDNN's fast layout.
 CPU_CHUNK_PIXELS = 8 * 400 * 400
+#: Elsewhere (GPUs), at most this many (64 images of 400×400): large enough to keep a GPU busy, small enough for
+#: any photo size and batch_size on a 24 GB card (the scanners' largest activation is 16 floats per input pixel,
+#: 0.66 GB per tensor for a chunk; unchunked, 400 copies of a 1000×750 photo would need 19 GB for one tensor).
+DEVICE_CHUNK_PIXELS = 64 * 400 * 400
+
+
+def chunk_size(device: torch.device, height: int, width: int) -> int:
+    """How many H×W images Smooth hands the scanner at once on `device` (CPU_CHUNK_PIXELS or DEVICE_CHUNK_PIXELS)."""
+    budget = CPU_CHUNK_PIXELS if device.type == "cpu" else DEVICE_CHUNK_PIXELS
+    return max(1, budget // (height * width))
 
 
 def _check_count(name: str, value) -> int:
@@ -166,7 +178,7 @@ class Smooth:
             n: number of noise samples (≥ 1).
             alpha: significance level in (0,1).
             batch_size: noisy copies drawn and classified at once (≥ 1): the memory knob (on CPU the scanner sees
-                them in chunks of at most CPU_CHUNK_PIXELS pixels).
+                them in chunks of at most chunk_size images).
             generator: a torch.Generator for reproducible noise; None uses torch's global one.
 
         Returns:
@@ -215,15 +227,15 @@ class Smooth:
         """How many of k noisy copies of each image x (B,3,H,W) the scanner reads as class `cls` → (B,) int64 CPU.
 
         Copies of several images share each forward pass (batch_size copies at a time, in chunks of at most
-        CPU_CHUNK_PIXELS pixels on CPU), image after image, so a given generator gives the same votes whatever
-        the batch_size."""
+        chunk_size images), image after image, so a given generator gives the same votes whatever the
+        batch_size. In fp32 on every device, even inside autocast."""
         device = self.device
         x = x.to(device)
         owner = torch.arange(x.shape[0], device=device).repeat_interleave(k)
         votes = torch.zeros(x.shape[0], dtype=torch.long, device=device)
         noise_device = generator.device if generator is not None else device
         on_cpu = device.type == "cpu"
-        chunk = max(1, CPU_CHUNK_PIXELS // (x.shape[-2] * x.shape[-1])) if on_cpu else batch_size
+        chunk = chunk_size(device, x.shape[-2], x.shape[-1])
         was_training = self.scanner.training
         self.scanner.eval()
         try:
@@ -236,7 +248,8 @@ class Smooth:
                     part = batch[s:s + chunk]
                     if on_cpu:
                         part = part.contiguous(memory_format=torch.channels_last)
-                    hits = (self.scanner(part).argmax(1) == cls).long()
+                    with full_precision(device):  # fp32 even inside a caller's autocast
+                        hits = (self.scanner(part).argmax(1) == cls).long()
                     votes.index_add_(0, idx[s:s + chunk], hits)
         finally:
             self.scanner.train(was_training)
@@ -296,8 +309,8 @@ class Smooth:
         """How often the scanner picks each class on `num` noisy copies of x → int64 CPU tensor (C,).
 
         The copies are drawn batch_size at a time, into one buffer reused for every batch, so at most batch_size
-        noisy images (not num) are in memory at once. On CPU the scanner classifies each batch in chunks of at
-        most CPU_CHUNK_PIXELS pixels, in channels_last layout (see CPU_CHUNK_PIXELS): the same noise for a given
+        noisy images (not num) are in memory at once. The scanner classifies each batch in chunks of at most
+        chunk_size images, in fp32, on CPU in channels_last layout (see CPU_CHUNK_PIXELS): the same noise for a given
         generator as one call per batch, and the same logits up to float rounding.
         """
         if x.dim() == 4 and x.shape[0] == 1:
@@ -310,7 +323,7 @@ class Smooth:
             raise ValueError(f"Smooth: x must be a floating-point image in [0,1], got dtype {x.dtype}")
         noise_device = generator.device if generator is not None else device
         on_cpu = device.type == "cpu"
-        chunk = max(1, CPU_CHUNK_PIXELS // (x.shape[-2] * x.shape[-1])) if on_cpu else batch_size
+        chunk = chunk_size(device, x.shape[-2], x.shape[-1])
         shape = (min(batch_size, num), *x.shape)
         noise = torch.empty(shape, device=noise_device, dtype=x.dtype)
         noisy = noise if noise.device == x.device else torch.empty(shape, device=device, dtype=x.dtype)
@@ -329,7 +342,8 @@ class Smooth:
                     part = batch[start:start + chunk]
                     if on_cpu:
                         part = part.contiguous(memory_format=torch.channels_last)
-                    logits = self.scanner(part)
+                    with full_precision(device):  # fp32 even inside a caller's autocast
+                        logits = self.scanner(part)
                     part_counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
                     counts = part_counts if counts is None else counts + part_counts
                 remaining -= this

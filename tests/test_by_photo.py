@@ -1,4 +1,4 @@
-"""Statistics by photo (issue 15): tiles of one photo count once; CERTIFY's noise is independent of PREDICT's."""
+"""Statistics by photo: tiles of one photo count once; CERTIFY's noise is independent of PREDICT's."""
 import json
 
 import numpy as np

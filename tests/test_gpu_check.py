@@ -15,7 +15,15 @@ def test_gpu_check_runs_every_entry_at_tiny_sizes(tmp_path):
                   "torchrun --nproc_per_node 1 train.py", "evaluate.py --quick"):
         line = next(row for row in summary.splitlines() if row.startswith(label))
         assert " ok " in line, line
-    assert "img/s" in summary and "all 5 entries passed" in summary
+    for script in ("train", "train_rs", "train_rs_aug"):  # the step profile: syncs per step, both layouts
+        for recipe in ("original", "robust"):
+            for layout in ("on", "off"):
+                line = next(row for row in summary.splitlines()
+                            if row.startswith(f"step profile {script}.py --recipe {recipe} channels_last {layout}"))
+                assert " ok " in line and "syncs/step" in line, line
+    assert "img/s" in summary and "all 17 entries passed" in summary
+    layouts = proc.stdout.split("== channels_last: off vs on")[-1].split("== GPU check summary")[0]
+    assert len([line for line in layouts.splitlines() if "faster" in line]) == 6
     for run in ("train_amp_off", "train_rs_amp_off", "train_rs_aug_amp_off", "torchrun"):
         assert (tmp_path / run / "checkpoints" / "last.pt").is_file()
 

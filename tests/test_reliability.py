@@ -1,5 +1,5 @@
 """Reliability and security: faults during training, untrusted checkpoints and weights, bad images at every
-entry point, and bounded memory (issue 9). Everything runs on CPU at tiny sizes."""
+entry point, and bounded memory. Everything runs on CPU at tiny sizes."""
 import gc
 import json
 import os

@@ -1,4 +1,4 @@
-"""scan.py's checks (issue 15): the calibration's settings against scan.py's, certificates that agree with the
+"""scan.py's checks: the calibration's settings against scan.py's, certificates that agree with the
 verdict, and the largest radius CERTIFY can give. Tiny untrained models and stub scanners: CPU, no network."""
 import json
 import math
