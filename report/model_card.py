@@ -54,6 +54,14 @@ def _eval_section(eval_dir: Path) -> str:
     return head + tables.replace("\n# ", "\n#### ").replace("\n## ", "\n#### ") + "\n"
 
 
+def _data_text(train_path) -> str:
+    """--train_path as recorded in args.json (a folder, a list of folders, or None) → the card's words."""
+    if not train_path or train_path == "bundled" or train_path == ["bundled"]:
+        return "the scikit-image sample photos"
+    folders = [train_path] if isinstance(train_path, str) else train_path
+    return " + ".join(f"`{folder}`" for folder in folders)
+
+
 def write_card(run_dir: Path, out: Path, title: str, commands: list[str], eval_dirs: list[Path], notes: list[str],
                overwrite: bool = False) -> Path:
     run_dir, out = Path(run_dir), Path(out)
@@ -129,10 +137,3 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     main()
 
-
-def _data_text(train_path) -> str:
-    """--train_path as recorded in args.json (a folder, a list of folders, or None) → the card's words."""
-    if not train_path or train_path == "bundled" or train_path == ["bundled"]:
-        return "the scikit-image sample photos"
-    folders = [train_path] if isinstance(train_path, str) else train_path
-    return " + ".join(f"`{folder}`" for folder in folders)

@@ -1,4 +1,7 @@
-"""Shared by the tests: tiny training flags, a folder of photos made here, a script runner, one-thread runs."""
+"""Shared by the tests: tiny training flags, a folder of photos made here, a script runner, one-thread runs, and
+no downloads."""
+import urllib.error
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,24 @@ from PIL import Image
 TINY_TRAIN_FLAGS = ["--recipe", "robust", "--image_size", "32", "--batch_size", "2", "--scanner", "narrow", "--encoder_width", "0.25",
                     "--lps_w", "0", "--device", "cpu", "--log_every", "1", "--val_every", "3",
                     "--save_every", "3", "--val_images", "4", "--test_images", "4"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_downloads(tmp_path_factory):
+    """Tests never download and never read a cache outside the project: torch.hub's folder (where torchvision keeps
+    the AlexNet weights LPIPS needs) is an empty one made here, for this process and the scripts it starts, and
+    any download raises at once. So LPIPS is unavailable in every test, the same with or without network, unless
+    a test injects its backbone (tests/test_engine.py). Returns the hub folder."""
+    hub = tmp_path_factory.mktemp("torch_hub")
+
+    def refuse(url, *args, **kwargs):
+        raise urllib.error.URLError(f"tests never download ({url})")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.hub, "download_url_to_file", refuse)
+        mp.setattr(torch.hub, "_hub_dir", str(hub))
+        mp.setenv("TORCH_HOME", str(hub.parent / "torch_home"))  # subprocesses: an empty cache too
+        yield hub
 
 
 @pytest.fixture(scope="session")

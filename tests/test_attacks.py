@@ -229,6 +229,22 @@ def test_forgery_and_removal_match_the_accuracies_of_a_plain_scanner(plain_table
             assert row["abstain"] == 0
 
 
+def test_forgery_and_removal_count_only_photos_read_right_without_attack():
+    """Hand-made verdicts: a clean photo already read as stamped (or abstained on) before the attack is no forgery
+    target, a stamped one read as clean no removal target; abstentions count as wrong and as neither."""
+    from report.attacks import _row
+    c, s, a = CLEAN, STAMPED, ABSTAIN
+    y = torch.tensor([c, c, c, c, s, s, s, s, s])
+    before = torch.tensor([c, c, s, a, s, s, c, s, a])
+    after = torch.tensor([s, c, s, s, c, s, c, a, c])
+    row = _row(after, y, before, 8 / 255, 1.5)
+    assert row == {"eps": 8 / 255, "acc_clean": 0.25, "acc_stamped": 0.2, "acc": 2 / 9, "abstain": 1 / 9,
+                   "abstain_clean": 0.0, "abstain_stamped": 0.2, "forgery_success": 0.5, "n_forged": 1,
+                   "removal_success": 1 / 3, "n_removed": 1, "seconds": 1.5}
+    nothing_to_forge = _row(after, y, torch.full((9,), s), 0.0, 0.0)
+    assert nothing_to_forge["forgery_success"] is None and nothing_to_forge["n_forged"] == 0
+
+
 def test_smoothed_table_reports_abstentions_as_wrong(smoothed_table):
     table = smoothed_table
     assert table["sigma"] == SIGMA

@@ -71,6 +71,28 @@ def test_strength_zero_is_the_identity_and_the_change_grows_with_strength(name):
     assert torch.equal(y[0], x[0]) and torch.equal(y[2], x[2]) and not torch.equal(y[1], x[1])
 
 
+@pytest.mark.parametrize("strength", [0.3, 1.0])
+def test_strength_scales_the_drawn_parameter_from_the_identity(strength):
+    """The contract, exactly, on two corruptions: parameter = identity + s·(U(lo, hi) − identity). Noise: σ = s·U(std)
+    per sample (identity 0); rotation: angle = s·(±U(degrees)) per sample. Replayed from the same seeded draws."""
+    import kornia
+    x = _photo(batch=4)
+    noise = build("noise", "train", std=(0.02, 0.1))
+    torch.manual_seed(0)
+    got = noise(x, strength)
+    torch.manual_seed(0)
+    std = strength * (0.02 + 0.08 * torch.rand(4))
+    assert torch.equal(got, (x + std.view(-1, 1, 1, 1) * torch.randn_like(x)).clamp(0, 1))
+    rotation = build("rotation", "train", degrees=(10, 30))
+    torch.manual_seed(1)
+    got = rotation(x, strength)
+    torch.manual_seed(1)
+    sign = (torch.rand(4) < 0.5).float() * 2 - 1
+    angle = strength * sign * (10 + 20 * torch.rand(4))
+    assert torch.allclose(got, kornia.geometry.transform.rotate(x, angle).clamp(0, 1), atol=1e-6)
+    assert sign.unique().numel() == 2  # both directions drawn
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_repr_names_the_ranges(name):
     text = repr(build(name, "train"))
@@ -173,6 +195,30 @@ def test_registry_names_presets_and_errors():
     assert train["perspective"].distortion[1] >= 0.1 and train["jpeg"].quality[0] <= 50
 
 
+def test_the_training_and_evaluation_ranges_are_the_documented_ones():
+    """Every range of both presets, value by value (augment/registry.py's comment gives the paper's training
+    ranges they cover, and the paper code's validation chain the evaluation ones follow): a changed constant
+    changes what the scanner is trained and judged on."""
+    assert PRESETS == {
+        "train": {
+            "rotation": dict(degrees=(0, 30)), "crop": dict(scale=(0.7, 1.0)),
+            "jitter": dict(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1),
+            "gaussian_blur": dict(kernel_size=(3, 7), sigma=(1.0, 3.0)),
+            "defocus": dict(radius=(1.0, 3.0), alias_blur=0.5), "perspective": dict(distortion=(0.0, 0.1)),
+            "noise": dict(std=(0.01, 0.05)), "resize": dict(scale=(0.5, 1.0)),
+            "jpeg": dict(quality=(50, 100), mode="differentiable"),
+        },
+        "eval": {
+            "rotation": dict(degrees=(0, 45)), "crop": dict(scale=(0.4, 1.0)),
+            "jitter": dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.4),
+            "gaussian_blur": dict(kernel_size=(3, 9), sigma=(1.0, 4.0)),
+            "defocus": dict(radius=(3.0, 6.0), alias_blur=0.5), "perspective": dict(distortion=(0.0, 0.4)),
+            "noise": dict(std=(0.02, 0.1)), "resize": dict(scale=(0.25, 1.0)),
+            "jpeg": dict(quality=(30, 90), mode="real"),
+        },
+    }
+
+
 def test_chain_draws_per_sample_subsets_and_strengths():
     torch.manual_seed(0)
     x = _photo(batch=1).expand(16, -1, -1, -1)
@@ -219,6 +265,70 @@ def test_ramp_and_the_augmented_view():
     assert v.name == "aug" and v.weight == 0.5 and v.images.shape == pair.shape
     assert v.images.min() < 0 or v.images.max() > 1  # the smoothing noise is not clamped
     assert 0.4 < (v.images - pair).std() < 0.6
+
+
+class _RecordingChain:
+    """A deterministic stand-in for a chain: records each call's batch and strength; pushes values out of [0,1] so
+    that the view's clamp shows."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, strength=None):
+        self.calls.append((x.clone(), strength))
+        return 1.5 * x - 0.2
+
+
+@pytest.mark.parametrize("strength_ramp", [True, False])
+def test_the_augmented_noisy_view_follows_its_ramp_exactly(strength_ramp):
+    """L_A^DA's view at step s: weight w = clip(aug_w·(s − start)/(end − start), 0, 1), images
+    clamp(chain(pair, strength)) + std·N(0, 1) drawn from torch's generator, strength w with the strength ramp
+    and None (full) without; nothing (and no chain call) while w = 0."""
+    pair = _photo(batch=4)
+    for step, weight in {0: 0.0, 10: 0.0, 15: 0.5, 17: 0.7, 20: 1.0, 99: 1.0}.items():
+        chain = _RecordingChain()
+        view = augmented_noisy_view(chain, std=0.3, aug_start=10, aug_end=30, aug_w=2.0, strength_ramp=strength_ramp)
+        torch.manual_seed(step)
+        views = view(pair, step)
+        if weight == 0:
+            assert views == [] and chain.calls == []
+            continue
+        (v,) = views
+        torch.manual_seed(step)
+        expected = (1.5 * pair - 0.2).clamp(0, 1)
+        expected = expected + 0.3 * torch.randn_like(expected)
+        assert v.name == "aug" and v.weight == pytest.approx(weight, abs=1e-12) and torch.equal(v.images, expected)
+        ((seen, strength),) = chain.calls
+        assert torch.equal(seen, pair)
+        assert strength == (pytest.approx(weight, abs=1e-12) if strength_ramp else None)
+
+
+def test_plain_da_corrupts_the_clean_and_the_stamped_halves_in_separate_calls():
+    """train.py --aug: [chain(x), chain(x')] at full strength, each half its own call (the original chain draws
+    its parameters once per call), with weight rs_w."""
+    from augment.view import augmented_view
+    pair = _photo(batch=4)
+    chain = _RecordingChain()
+    (v,) = augmented_view(chain, weight=2.0)(pair, 0)
+    assert v.name == "aug" and v.weight == 2.0 and torch.equal(v.images, 1.5 * pair - 0.2)
+    assert [(x.shape[0], strength) for x, strength in chain.calls] == [(2, None), (2, None)]
+    assert torch.equal(chain.calls[0][0], pair[:2]) and torch.equal(chain.calls[1][0], pair[2:])
+
+
+@pytest.mark.parametrize("recipe, names", [("robust", ["plain", "noisy", "aug"]), ("original", ["noisy", "aug"])])
+def test_train_rs_aug_views_and_their_weights(recipe, names):
+    """The views train_rs_aug.py trains on, in order, with their weights: the plain pair (robust only) and the noisy
+    pair at rs_w, the augmented one at the ramp's value (aug_w = 2, start 0, end 8: 0.5 at step 2)."""
+    _, args, views = train_rs_aug.parse(["--run_name", "r", "--recipe", recipe, "--std", "0.25", "--rs_w", "3",
+                                         "--aug_start", "0", "--aug_end", "8", "--aug_w", "2"])
+    got = views(_photo(batch=4), 2)
+    assert [v.name for v in got] == names
+    assert [v.weight for v in got] == [3.0] * (len(names) - 1) + [0.5]
+    if recipe == "robust":  # every corruption, the training ranges, each applied with probability 0.5
+        from augment.view import augmentation_chain
+        chain = augmentation_chain(args, "rs_aug")
+        assert isinstance(chain, StochasticChain) and chain.p == 0.5
+        assert [repr(c) for c in chain.corruptions] == [repr(build(name, "train")) for name in ALL]
 
 
 # ---------------------------------------------------------------------------------------- the script

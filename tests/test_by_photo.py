@@ -45,17 +45,21 @@ def tiled(tmp_path_factory):
     return root
 
 
-def test_evaluate_counts_photos_and_records_tiles(tiled, tmp_path):
+@pytest.mark.parametrize("max_images, photos", [(12, 3), (7, 3), (2, 2)])
+def test_evaluate_counts_photos_and_records_tiles(tiled, tmp_path, max_images, photos):
+    """--max_images M over P photos: ceil(M/P) tiles from each photo in turn, the first M of them, so 7 tiles are
+    3 + 3 + 1 of the 3 photos, and 2 tiles come from 2 photos (one each)."""
     results = evaluate.main(["--checkpoint", str(tiled / "model"), "--data_path", str(tiled), "--quick", "--size",
-                             "32", "--max_images", "12", "--attack_images", "0", "--protocol", "strict",
+                             "32", "--max_images", str(max_images), "--attack_images", "0", "--protocol", "strict",
                              "--device", "cpu", "--out", str(tmp_path / "ev")])
-    assert results["settings"]["images"] == 12
+    assert results["settings"]["images"] == max_images
     for row in results["table1"].values():
-        assert (row["n"], row["n_tiles"]) == (3, 12)
+        assert (row["n"], row["n_tiles"]) == (photos, max_images)
     cal = results["calibration"]
-    assert cal["n_tiles"] == 12 and all(p["n_clean"] == 3 and p["n_stamped"] == 3 for p in cal["operating_points"])
-    assert (results["table2"]["psnr"]["n"], results["table2"]["n_tiles"]) == (3, 12)
-    assert json.loads((tmp_path / "ev" / "results.json").read_text())["table1"]["none"]["n"] == 3
+    assert cal["n_tiles"] == max_images
+    assert all(p["n_clean"] == photos and p["n_stamped"] == photos for p in cal["operating_points"])
+    assert (results["table2"]["psnr"]["n"], results["table2"]["n_tiles"]) == (photos, max_images)
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["table1"]["none"]["n"] == photos
 
 
 def test_certify_noise_is_independent_of_predict_noise(tiled, tmp_path, monkeypatch):
@@ -76,6 +80,25 @@ def test_certify_noise_is_independent_of_predict_noise(tiled, tmp_path, monkeypa
     certify = torch.randn(1000, generator=torch.Generator().manual_seed(seen["seed"]))
     assert abs(float(torch.corrcoef(torch.stack([predict, certify]))[0, 1])) < 0.15  # no shared draws
     assert not torch.equal(predict[:10], certify[:10])
+
+
+def test_attacks_and_certification_take_one_tile_per_photo(tiled, tmp_path, monkeypatch):
+    """12 tiles of 3 photos: the photos attacked (and certified) are the first tile of each photo, clean and
+    stamped, not the first tiles of the first photo."""
+    from datasets import ImageFolderDataset, resolve_image_paths
+    seen = {}
+    real = evaluate.robustness_table
+
+    def recording(scanner, clean, stamped, settings, sigma=None):
+        seen["clean"] = clean.cpu()
+        return real(scanner, clean, stamped, settings, sigma=sigma)
+
+    monkeypatch.setattr(evaluate, "robustness_table", recording)
+    evaluate.main(["--checkpoint", str(tiled / "model"), "--data_path", str(tiled), "--quick", "--size", "32",
+                   "--max_images", "12", "--attack_images", "3", "--eps", "0", "--protocol", "strict",
+                   "--forwarding", "off", "--device", "cpu", "--out", str(tmp_path / "ev")])
+    tiles = ImageFolderDataset(resolve_image_paths(tiled), 32, mode="grid", max_tiles_per_image=4)
+    assert torch.equal(seen["clean"], torch.stack([tiles[0], tiles[4], tiles[8]]))
 
 
 # ------------------------------------------------------------------------------- the two protocols, side by side

@@ -151,8 +151,10 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_saves(tmp_path, 
     results = tmp_path / "results"
     flags = ["--run_name", "stop", "--results_dir", str(results), "--train_path", str(photo_folder), *TINY,
              "--max_step", "100000", "--val_every", "100000", "--save_every", "100000"]
+    # the signal goes as soon as tqdm's bar shows any step done (it may jump several at once on a fast CPU), in a
+    # run far too long to end on its own
     code, out, records = torchrun(tmp_path, results, *flags, script="train_rs",
-                                     interrupt_after=r"\| [2-9]/100000")  # tqdm's bar: a few steps done
+                                  interrupt_after=r"\| *[1-9][0-9]*/100000")
     assert "interrupted at step" in out, out
     step = int(out.split("interrupted at step ")[1].split(";")[0])
     checkpoint = torch.load(results / "stop" / "checkpoints" / "last.pt", weights_only=True)

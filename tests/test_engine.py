@@ -41,13 +41,30 @@ def test_pair_labels_are_clean_then_stamped():
     assert pair_labels(3, "cpu").tolist() == [0, 0, 0, 1, 1, 1]
 
 
-def test_border_energy_ratio_flags_a_border_stripe():
-    even = torch.randn(2, 3, 64, 64) * 0.01
-    assert border_energy_ratio(even).max() < 1.5
-    stripe = even.clone()
-    stripe[:, :, :4] += 0.1  # the shortcut: energy hidden along the top border
-    assert border_energy_ratio(stripe).min() > 10
-    assert torch.isnan(border_energy_ratio(torch.randn(1, 3, 10, 10))).all()
+def test_border_energy_ratio_is_the_worst_sides_energy_over_the_interiors():
+    """Closed forms on residuals built here: flat or ±c everywhere → exactly 1 whatever the sign; value d on a
+    band-wide stripe along any one side and c elsewhere → d²/c² (the worst side, whichever it is); a stripe of half
+    the band → (d² + c²)/(2c²); energy between band and 2·band from a side is not the interior's; NaN when the image has no interior (side ≤ 4·band)."""
+    c, d, band = 0.01, 0.1, 4
+    flat = torch.full((1, 3, 32, 40), c)
+    checker = flat * (torch.arange(40) % 2 * 2 - 1)  # ±c: the same energy everywhere
+    assert border_energy_ratio(flat, band).tolist() == pytest.approx([1.0], rel=1e-6)
+    assert border_energy_ratio(checker, band).tolist() == pytest.approx([1.0], rel=1e-6)
+    stripes = flat.repeat(4, 1, 1, 1)
+    stripes[0, :, :band] = d  # top
+    stripes[1, :, -band:] = d  # bottom
+    stripes[2, :, :, :band] = d  # left
+    stripes[3, :, :, -band:] = -d  # right, negative: energy is δ²
+    assert border_energy_ratio(stripes, band).tolist() == pytest.approx([(d / c) ** 2] * 4, rel=1e-5)
+    half = flat.clone()
+    half[:, :, :band // 2] = d
+    assert border_energy_ratio(half, band).item() == pytest.approx((d ** 2 + c ** 2) / (2 * c ** 2), rel=1e-5)
+    # the interior starts 2·band from each side: energy in rows band..2·band is in no side's stripe but the left
+    # and right ones (4 of their 32 rows), and not in the interior
+    ring = flat.clone()
+    ring[:, :, band:2 * band] = d
+    assert border_energy_ratio(ring, band).item() == pytest.approx((4 * d ** 2 + 28 * c ** 2) / (32 * c ** 2), rel=1e-5)
+    assert torch.isnan(border_energy_ratio(torch.randn(2, 3, 16, 40), band)).all()  # 16 ≤ 4·4: no interior
 
 
 def test_amplify_maps_zero_to_grey_and_stretches():
@@ -80,14 +97,50 @@ def test_evaluate_counts_accuracy_and_psnr():
     assert metrics["psnr"] == pytest.approx(40.0, abs=0.01)  # δ = 0.01 everywhere
 
 
-def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
+def test_checkpoint_round_trip_leaves_no_temporary_file(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint({"step": 3, "w": torch.ones(2)}, path)
     save_checkpoint({"step": 4, "w": torch.zeros(2)}, path)
-    assert sorted(os.listdir(tmp_path)) == ["last.pt"]  # no temporary file left behind
-    state = torch.load(path, weights_only=True)
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+    state = load_checkpoint(path)
     assert state["step"] == 4 and torch.equal(state["w"], torch.zeros(2))
-    assert load_checkpoint(path)["step"] == 4
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """torch.save writes part of the file, then fails (a full disk, a crash): the previous last.pt must still load,
+    which only writing elsewhere and renaming guarantees. An in-place write would have destroyed it."""
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 3, "w": torch.arange(1000.0)}, path)
+    real_save = torch.save
+
+    def save_then_fail(obj, f, *args, **kwargs):
+        real_save({"step": 4}, f)  # bytes reach the file ...
+        raise OSError("No space left on device")  # ... and the write fails before the end
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint({"step": 4, "w": torch.zeros(1000)}, path)
+    state = load_checkpoint(path)
+    assert state["step"] == 3 and torch.equal(state["w"], torch.arange(1000.0))
+
+
+def test_a_checkpoint_is_renamed_into_place(tmp_path, monkeypatch):
+    """The new file replaces last.pt by one os.replace from a file beside it (atomic on POSIX), never by writing
+    into last.pt."""
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1}, path)
+    replaced = []
+    real_replace = os.replace
+
+    def recording(src, dst):
+        replaced.append((os.fspath(src), os.fspath(dst), load_checkpoint(src)["step"]))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording)
+    save_checkpoint({"step": 2}, path)
+    (src, dst, step), = replaced
+    assert dst == str(path) and os.path.dirname(src) == str(tmp_path) and src != dst and step == 2
+    assert load_checkpoint(path)["step"] == 2
 
 
 class _RunsCode:
@@ -110,15 +163,60 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
         load_checkpoint(path)
 
 
-def test_lpips_loads_with_its_weights_or_says_clearly_why_not(tmp_path, monkeypatch):
-    # An empty hub cache: without network the AlexNet weights cannot be had, and we must say so, not
-    # silently use a random backbone. With network (or weights placed there) LPIPS must really work.
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+
+
+def _alexnet_features() -> torch.nn.Sequential:
+    """torchvision's AlexNet.features, layer for layer (what lpips slices), with seeded random weights: a stand-in
+    for the downloaded backbone, 10 MB in memory instead of a 233 MB file."""
+    nn = torch.nn
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+                         nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+                         nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2))
+
+
+@pytest.fixture
+def alexnet(monkeypatch, tmp_path):
+    """torchvision.models.alexnet replaced (lpips calls it by attribute): `available` True gives the stand-in
+    backbone, False raises what torchvision raises offline. `requests` records each call's `pretrained`. torch.hub's
+    folder is tmp_path/hub. Nothing touches the network or a real cache."""
+    import types
+    import urllib.error
+    import torchvision
+
+    class Fake:
+        available = True
+        requests = []
+
+    def fake(pretrained=False, **kwargs):
+        Fake.requests.append(bool(pretrained or kwargs.get("weights")))
+        if not Fake.available:
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+        return types.SimpleNamespace(features=_alexnet_features())
+
+    monkeypatch.setattr(torchvision.models, "alexnet", fake)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    return Fake
+
+
+def test_lpips_with_its_backbone_is_a_frozen_pretrained_lpips(alexnet):
     lines = []
     model = load_lpips("cpu", log=lines.append)
-    if model is None:
-        assert len(lines) == 1 and "LPIPS unavailable" in lines[0] and str(tmp_path) in lines[0]
-    else:
-        x = torch.rand(1, 3, 32, 32)
-        assert model(x, x, normalize=True).item() == pytest.approx(0.0, abs=1e-6)
-        assert model(x, torch.rand_like(x), normalize=True).item() > 0.05
+    assert lines == [] and alexnet.requests == [True]  # the pretrained backbone was asked for, never a random one
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    x, y = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).split(1)
+    assert model(x, x, normalize=True).item() == 0.0
+    assert model(x, y, normalize=True).item() > 0
+
+
+def test_lpips_without_its_backbone_is_none_with_one_line_saying_where_to_put_it(alexnet, tmp_path):
+    alexnet.available = False
+    lines = []
+    assert load_lpips("cpu", log=lines.append) is None
+    assert alexnet.requests == [True]
+    assert lines == [f"LPIPS unavailable, so L_ps is off and LPIPS is not reported: torchvision could not load the "
+                     f"AlexNet weights (<urlopen error [Errno -2] Name or service not known>). To enable it, put "
+                     f"{ALEXNET_FILE} in {tmp_path / 'hub'}/checkpoints/."]

@@ -1,4 +1,5 @@
-"""evaluate.py --quick on tiny checkpoints trained here, and the calibration it reports."""
+"""evaluate.py --quick on tiny checkpoints trained here, its tables recomputed from the model and the photos, and
+the calibration it reports."""
 import json
 import math
 
@@ -9,7 +10,9 @@ from scipy.stats import binomtest
 import evaluate
 import train
 import train_rs
-from report.calibration import clopper_pearson, operating_point
+from datasets import ImageFolderDataset, resolve_image_paths
+from models import load_pretrained
+from report.calibration import clopper_pearson, fpr_upper_bound, operating_point
 from report.conditions import table1_conditions
 from report.detection import common_size
 from conftest import TINY_TRAIN_FLAGS as TINY
@@ -26,41 +29,107 @@ def plain_run(tmp_path_factory, photo_folder):
     return results / "plain"
 
 
+class _FakeLPIPS(torch.nn.Module):
+    """A stand-in for LPIPS (tests never download its AlexNet): the mean absolute difference of each pair."""
+
+    def forward(self, a, b, normalize=False):
+        return (a - b).abs().mean((1, 2, 3), keepdim=True)
+
+
 @pytest.fixture(scope="module")
 def plain_eval(plain_run, photo_folder):
-    return evaluate.main(["--checkpoint", str(plain_run), "--data_path", str(photo_folder), "--all_images", *EVAL])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate, "load_lpips", lambda device, log=print: _FakeLPIPS())
+        return evaluate.main(["--checkpoint", str(plain_run), "--data_path", str(photo_folder), "--all_images",
+                              *EVAL])
 
 
-def test_every_table_is_produced_with_numbers_in_range(plain_eval, plain_run):
+def _mann_whitney_auc(clean, stamped):
+    """ROC-AUC counted pair by pair: the share of (clean, stamped) pairs scored in the right order, ties half."""
+    pairs = [(c, s) for c in clean.tolist() for s in stamped.tolist()]
+    return (sum(s > c for c, s in pairs) + 0.5 * sum(s == c for c, s in pairs)) / len(pairs)
+
+
+@pytest.fixture(scope="module")
+def recomputed(plain_run, photo_folder):
+    """Table 1's "none" and "JPEG q90" rows and Table 2, recomputed here from the model and the photos: 8 tiles of
+    32 px, the first of each of the first 8 photos (--quick's 8 of 12 photos, ceil(8/12) = 1 tile each), stamped as
+    clamp(x + E(x), 0, 1) and judged by the plain scanner's argmax (score: logit(stamped) − logit(clean))."""
+    encoder, scanner, _ = load_pretrained(plain_run / "model")
+    dataset = ImageFolderDataset(resolve_image_paths(photo_folder), 32, mode="grid", max_tiles_per_image=1)
+    x = torch.stack([dataset[i] for i in range(8)])
+    rows = {}
+    with torch.no_grad():
+        stamped = (x + encoder(x)).clamp(0, 1)
+        for name, condition in (("none", lambda v: v), ("JPEG q90", table1_conditions()["JPEG q90"])):
+            (clean_logits, stamped_logits) = scanner(torch.cat([condition(x), condition(stamped)])).split(8)
+            rows[name] = {"acc_clean": (clean_logits.argmax(1) == 0).double().mean().item(),
+                          "acc_stamped": (stamped_logits.argmax(1) == 1).double().mean().item(),
+                          "auc": _mann_whitney_auc(clean_logits[:, 1] - clean_logits[:, 0],
+                                                   stamped_logits[:, 1] - stamped_logits[:, 0])}
+    mse = (stamped - x).pow(2).mean((1, 2, 3)).double()
+    return rows, {"psnr": -10 * torch.log10(mse), "lpips": (stamped - x).abs().mean((1, 2, 3)).double()}
+
+
+def test_every_table_and_file_is_produced(plain_eval, plain_run):
     out = plain_run / "eval" / "quick"
     for name in ("results.json", "tables.md", "table1.csv", "table2.csv", "table3.csv", "calibration.csv",
                  "roc.png", "attack_accuracy.png"):
         assert (out / name).is_file(), name
     assert list((out / "tb").glob("events.out.tfevents.*"))
-    assert set(plain_eval["table1"]) == set(table1_conditions())
-    for row in plain_eval["table1"].values():
-        assert all(0 <= row[k] <= 1 for k in ("acc_clean", "acc_stamped", "acc", "abstain", "auc"))
-        assert row["n"] == 8 and row["abstain"] == 0  # a plain scanner never abstains
-    t2 = plain_eval["table2"]
-    assert 20 < t2["psnr"]["mean"] < 80 and 0 < t2["ssim"]["mean"] <= 1 and t2["psnr"]["n"] == 8
-    assert t2["lpips"]["n"] == 0 and t2["lpips_note"].startswith("n/a")  # no AlexNet weights offline
+    assert list(plain_eval["table1"]) == list(table1_conditions())
     assert plain_eval["certification"] is None  # not a smoothed scanner
     assert plain_eval["settings"]["git_commit"] and plain_eval["settings"]["quick"] is True
 
 
-def test_attacks_never_raise_accuracy_and_eps_zero_changes_nothing(plain_eval):
+def test_table1_rows_are_the_scanners_verdicts_on_the_photos_under_each_condition(plain_eval, recomputed):
+    rows, _ = recomputed
+    for name, expected in rows.items():
+        row = plain_eval["table1"][name]
+        assert (row["n"], row["n_tiles"], row["abstain"]) == (8, 8, 0.0), name  # a plain scanner never abstains
+        assert (row["acc_clean"], row["acc_stamped"]) == (expected["acc_clean"], expected["acc_stamped"]), name
+        assert row["acc"] == (expected["acc_clean"] + expected["acc_stamped"]) / 2
+        assert row["auc"] == pytest.approx(expected["auc"], abs=1e-12), name
+    # not every condition reads like "none": the conditions reached the photos
+    none = plain_eval["table1"]["none"]
+    assert any(r["auc"] != none["auc"] for n, r in plain_eval["table1"].items() if n != "none")
+
+
+def test_table2_is_the_mean_and_std_over_photos(plain_eval, recomputed):
+    _, expected = recomputed
+    t2 = plain_eval["table2"]
+    for metric in ("psnr", "lpips"):
+        values = expected[metric]
+        assert t2[metric]["n"] == 8
+        assert t2[metric]["mean"] == pytest.approx(values.mean().item(), rel=1e-5), metric
+        assert t2[metric]["std"] == pytest.approx(values.std().item(), rel=1e-4), metric
+    assert t2["ssim"]["n"] == 8 and t2["lpips_note"] is None
+
+
+def test_attacks_never_raise_accuracy_and_their_rates_are_counted_over_the_right_photos(plain_eval):
+    """4 clean and 4 stamped photos attacked. For a plain scanner (no abstention) every clean photo read clean
+    without attack is either still read clean or forged, every stamped one read stamped is either still read
+    stamped or removed: the rates follow from the counts exactly."""
     t3 = plain_eval["table3"]
+    before = t3["no_attack"]
+    assert (t3["images"], t3["n_clean"], t3["n_stamped"]) == (4, 4, 4) and before["abstain"] == 0
     assert set(t3["attacks"]) == {"apgd-ce", "square", "adaptive"}
+    clean_right, stamped_right = round(4 * before["acc_clean"]), round(4 * before["acc_stamped"])
+    assert clean_right + stamped_right > 0  # something to attack
     for attack, by_eps in t3["attacks"].items():
         rows = list(by_eps.values())
         assert [r["eps"] * 255 for r in rows] == pytest.approx([0, 8, 32])
         for key in ("acc_clean", "acc_stamped", "acc"):
-            assert rows[0][key] == t3["no_attack"][key], (attack, key)  # ε = 0
-            assert all(r[key] <= t3["no_attack"][key] for r in rows), (attack, key)
-            assert rows[2][key] <= rows[1][key]  # a larger ball never helps the scanner
-        assert 0 <= rows[2]["forgery_success"] <= 1 if rows[2]["forgery_success"] is not None else True
-    # the strongest attack at 32/255 on an untrained-ish tiny scanner turns something
-    assert t3["attacks"]["adaptive"]["32/255"]["acc"] < t3["no_attack"]["acc"] or t3["no_attack"]["acc"] == 0
+            assert rows[0][key] == before[key], (attack, key)  # ε = 0
+            assert rows[2][key] <= rows[1][key] <= before[key], (attack, key)  # a larger ball never helps
+        for row in rows:
+            assert row["acc_clean"] == (clean_right - row["n_forged"]) / 4, attack
+            assert row["acc_stamped"] == (stamped_right - row["n_removed"]) / 4, attack
+            assert row["forgery_success"] == (row["n_forged"] / clean_right if clean_right else None), attack
+            assert row["removal_success"] == (row["n_removed"] / stamped_right if stamped_right else None), attack
+        assert rows[0]["n_forged"] == rows[0]["n_removed"] == 0
+    # at 32/255 the strongest attack turns some photo of this barely trained scanner
+    assert t3["attacks"]["adaptive"]["32/255"]["acc"] < before["acc"]
 
 
 def _md_table(markdown: str, heading: str) -> list[list[str]]:
@@ -108,12 +177,19 @@ def test_bad_input_is_one_line(plain_run, tmp_path, capsys, flags, message):
     assert message in err and "Traceback" not in err
 
 
-def test_the_runs_training_photos_are_not_used_by_default(plain_run, photo_folder, tmp_path, capsys):
+def test_the_runs_training_photos_are_not_used_by_default(plain_run, photo_folder, tmp_path, capsys,
+                                                          no_downloads):
     """Without --all_images, evaluating on the training folder uses its held-out test split only."""
     results = evaluate.main(["--checkpoint", str(plain_run), "--data_path", str(photo_folder), "--out",
                              str(tmp_path), "--attack_images", "0", "--quick", "--size", "32", "--device", "cpu"])
     assert "held-out test split" in capsys.readouterr().out
     assert results["settings"]["photos"] == 1 and results["table3"] is None  # 12 photos → 1 test photo
+    # without the AlexNet weights (tests never download them: conftest) Table 2 says why LPIPS is missing
+    t2 = results["table2"]
+    assert t2["lpips"]["n"] == 0 and t2["lpips_note"] == (
+        f"n/a: torchvision could not load the AlexNet weights (<urlopen error tests never download "
+        f"(https://download.pytorch.org/models/alexnet-owt-7be5be79.pth)>). To enable it, put "
+        f"alexnet-owt-7be5be79.pth in {no_downloads}/checkpoints/.")
 
 
 def test_photos_of_different_sizes_at_native_resolution_are_attacked_at_a_common_size(plain_run, photo_folder,
@@ -145,12 +221,34 @@ def test_a_smoothed_scanner_is_judged_by_predict_and_certified(tmp_path, photo_f
     assert (tmp_path / "rs" / "eval" / "quick" / "certified_accuracy.png").is_file()
 
 
+def test_the_full_settings_are_the_papers():
+    """Without --quick: CERTIFY with n0 = 100 and n = 100,000 at alpha 0.001 (Cohen's and the paper's), PREDICT
+    with 1,000 copies, 100 photos attacked and certified, the original's 1,000 noisy passes, ε ∈ {2,4,8,16,32}/255,
+    tiles of 400 px."""
+    assert evaluate.FULL == dict(max_images=None, predict_n=1000, certify_n=100_000, n0=100, certify_images=100,
+                                 attack_images=100, passes=1000)
+    args = evaluate.build_parser().parse_args(["--checkpoint", "x"])
+    assert (args.alpha, args.size, args.seed, args.eps, args.original_eps) == (0.001, 400, 0, "2,4,8,16,32",
+                                                                               "2,4,8,16,32,64")
+    assert evaluate._eps_list(args.eps) == tuple(e / 255 for e in (2, 4, 8, 16, 32))
+
+
 # ------------------------------------------------------------------------------------------ calibration
 
 def test_clopper_pearson_matches_scipys_exact_interval():
     for k, n in [(0, 30), (3, 30), (30, 30), (17, 1000)]:
         ci = binomtest(k, n).proportion_ci(0.95, method="exact")
         assert clopper_pearson(k, n) == pytest.approx((ci.low, ci.high))
+
+
+@pytest.mark.parametrize("false_pos, n_clean", [(0, 30), (0, 299), (3, 299), (10, 1000), (29, 30)])
+def test_the_fpr_bound_is_the_one_sided_exact_upper_bound_at_95_percent(false_pos, n_clean):
+    """scipy's exact one-sided interval, and the definition: P(Binomial(n, bound) ≤ k) = 5%."""
+    from scipy.stats import binom
+    bound = fpr_upper_bound(false_pos, n_clean)
+    expected = binomtest(false_pos, n_clean, alternative="less").proportion_ci(0.95, method="exact").high
+    assert bound == pytest.approx(expected, rel=1e-12)
+    assert binom.cdf(false_pos, n_clean, bound) == pytest.approx(0.05, rel=1e-6)
 
 
 def test_operating_point_holds_the_false_positive_rate_it_states():

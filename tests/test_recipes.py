@@ -141,6 +141,27 @@ def test_robust_is_todays_recipe_and_explicit_flags_win():
     assert args.recipe_overrides == ["aug_chain", "batch_size"]
 
 
+def test_the_robust_recipes_losses_ramps_and_padding_are_its_table():
+    """The robust recipe's settings that change results, value by value (docs/fidelity.md gives the reasons)."""
+    for script in SCRIPTS:
+        _, args, _ = _parse(script, "--recipe", "robust")
+        assert (args.img_w, args.l1_w, args.lps_w, args.rs_w) == (1.0, 0.1, 1.0, 1.0), script
+        assert (args.y_scale, args.u_scale, args.v_scale) == (1.0, 100.0, 100.0), script
+        assert (args.warmup_steps, args.ramp_steps, args.ramp_scaled_by_img_w) == (0, 10_000, False), script
+        assert (args.padding_mode, args.max_residual, args.clamp_stamp, args.bn_freeze_step) == ("replicate", 0.05,
+                                                                                                  True, None)
+        assert (args.lr, args.lr_decay, args.lr_decay_steps, args.lr_decay_unit) == (1e-4, 0.5, 100_000, "step")
+        assert (args.image_size, args.train_crop, args.batch_size) == (400, "random", 16), script
+    # the learning rate halves every 100,000 steps, decayed after every step
+    _, args, views = _parse("train", "--recipe", "robust", "--device", "cpu")
+    trainer = Trainer(args, views, CPU, log=lambda *a: None, steps_per_epoch=344)
+    assert trainer.scheduler.gamma == pytest.approx(0.5 ** (1 / 100_000), rel=1e-15) and trainer.lr_every == 1
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-4, 1e-4]
+    _, args, _ = _parse("train_rs_aug", "--recipe", "robust")
+    assert (args.aug_chain, args.aug_prb, args.plain_ce, args.aug_strength_ramp) == ("stochastic", 0.5, True, True)
+    assert (args.aug_start, args.aug_end, args.aug_w) == (5_000, 100_000, 1.0)
+
+
 # ------------------------------------------------------------------------------- flags
 @pytest.mark.parametrize("script,flags", [
     ("train", "--batch_size 4 --lr 1e-4 --rs_w 2 --img_w 0.5 --lps_w 0.5 --y_scale 2 --u_scale 50 --v_scale 60 "

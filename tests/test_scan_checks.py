@@ -103,6 +103,44 @@ def test_settings_of_an_unused_calibration_are_not_compared(folders, capsys):
     assert notes == [] and "calibration_differs" not in record
 
 
+@pytest.mark.parametrize("made_score, made_sigma, sigma, used", [
+    ("smoothed", SIGMA, SIGMA, True),
+    ("smoothed", SIGMA, 0.5, False),  # another σ: its vote shares are another score
+    ("smoothed", SIGMA, 0.26, False),
+    ("smoothed", 0.5, SIGMA, False),
+    ("smoothed", None, SIGMA, False),  # σ not recorded: cannot be trusted for this σ
+    ("smoothed", SIGMA, None, False),  # a plain scan never uses a vote-share threshold
+    ("plain", None, None, True),
+    ("plain", None, SIGMA, False),  # a smoothed scan never uses a logit threshold
+])
+def test_a_calibration_is_used_only_for_its_own_score_and_sigma(tmp_path, made_score, made_sigma, sigma, used):
+    score = scan.SMOOTHED_SCORE if made_score == "smoothed" else scan.PLAIN_SCORE
+    (tmp_path / "calibration.json").write_text(json.dumps({"score": score, "sigma": made_sigma, "threshold": 0.73,
+                                                           "target_fpr": 0.01, "backed": True}))
+    notes = []
+    t = scan.resolve_threshold(None, tmp_path, sigma, log=notes.append)
+    if used:
+        assert (t.value, t.source, t.calibrated, t.text, notes) == (0.73, "calibration", True, "calibrated, FPR ≤ 1%", [])
+    else:
+        default = 0.5 if sigma is not None else 0.0
+        assert (t.value, t.source, t.calibrated) == (default, "default", False)
+        assert len(notes) == 1 and "calibration.json calibrates" in notes[0]
+        assert notes[0].endswith(f"using the uncalibrated threshold {default:g}")
+
+
+def test_scan_sigma_overriding_the_models_is_not_given_the_models_calibration(folders, capsys):
+    """The model was trained (and calibrated) at σ 0.25; --sigma 0.5 judges another smoothed classifier, and --plain
+    another kind of score: neither may use the σ 0.25 threshold."""
+    smoothed, _, photo = folders
+    calibrate(smoothed, predict_n=20, working_size=64, threshold=0.9)
+    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "64")
+    assert (record["calibrated"], record["threshold"], notes) == (True, 0.9, [])
+    for flags, threshold in ((["--sigma", "0.5"], 0.5), (["--plain"], 0.0)):
+        record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "64", *flags)
+        assert (record["calibrated"], record["threshold"]) == (False, threshold), flags
+        assert len(notes) == 1 and "calibrates" in notes[0], flags
+
+
 def test_the_fitted_square_of_a_fixed_input_scanner_is_compared():
     cal = {"fitted_to": 400, "working_size": None, "size": 400, "predict_n": None}
     assert scan.calibration_differences(cal, None, ("fitted", 400)) == []
@@ -110,6 +148,24 @@ def test_the_fitted_square_of_a_fixed_input_scanner_is_compared():
         ("working_size", "at working size 512", "on photos fitted to 400×400")]
     assert scan.calibration_differences(cal, None, ("working", 512)) == [
         ("working_size", "on photos fitted to 400×400", "at working size 512")]
+
+
+@pytest.mark.parametrize("t", [0.5, 0.3])
+def test_a_smoothed_verdict_abstains_unless_the_two_sided_test_against_the_threshold_rejects(t):
+    """Every count of n = 60 votes: STAMPED/CLEAN by the side of t when scipy's two-sided binomtest of H0: p = t
+    rejects at alpha, else ABSTAIN; at t = ½ exactly Smooth.decide (PREDICT). Some counts are significant one-sided
+    only: a one-sided test would give them a verdict."""
+    from scipy.stats import binomtest
+    n, alpha, one_sided_only = 60, 0.01, 0
+    for votes in range(n + 1):
+        two = binomtest(votes, n, t).pvalue
+        one = binomtest(votes, n, t, alternative="greater" if votes > t * n else "less").pvalue
+        one_sided_only += one <= alpha < two
+        expected = (STAMPED if votes > t * n else 1 - STAMPED) if two <= alpha else scan.ABSTAIN
+        assert scan.smoothed_verdict(votes, n, t, alpha) == expected, votes
+        if t == 0.5:
+            assert expected == Smooth.decide(torch.tensor([n - votes, votes]), alpha)
+    assert one_sided_only >= 1
 
 
 # ---------------------------------------------------------------- certificates agree with the verdict
@@ -159,14 +215,17 @@ def test_a_certificate_is_always_about_the_verdict(t, greys, tmp_path, capsys, m
     records = [json.loads(line) for line in out.splitlines()]
     assert len(records) == 6
     certified = 0
+    # the certificates' fresh copies, replayed: one generator seeded --seed + 1, carried from photo to photo in the
+    # order scanned, n standard normals per pixel per photo; the stub reads the top-left red value
+    generator = torch.Generator().manual_seed(3 + 1)
     for r in records:
-        grey = grey_value(float(r["path"].rsplit("/p", 1)[1][:-len(".png")])) / 255
-        p = 1 - norm.cdf((PixelScanner.CUT - grey) / SIGMA)  # the stub's probability of a stamped vote
+        grey = torch.tensor(float(grey_value(float(r["path"].rsplit("/p", 1)[1][:-len(".png")])))) / 255
         if r["verdict"] == "abstain":
             assert (r["certified"], r["radius"]) == (False, 0.0)
             continue
+        noise = torch.empty(n, 3, 16, 16).normal_(generator=generator)[:, 0, 0, 0]
         votes = r["certify_votes"]
-        assert abs(votes / n - p) < 5 * math.sqrt(p * (1 - p) / n) + 1 / n  # the stub votes as designed
+        assert votes == int((noise * SIGMA + grey > PixelScanner.CUT).sum())  # the stub votes as designed, exactly
         stamped = r["verdict"] == "stamped"
         radius = expected_radius(votes, n, t, stamped)
         assert r["radius"] == radius  # exact: the same scipy calls in the same order

@@ -89,3 +89,31 @@ def test_vectorised_pvalues_equal_scipys_binomtest(n, p):
     from smoothing.sequential import two_sided_pvalues
     ours = two_sided_pvalues(n, p)
     assert all(ours[k] == pytest.approx(binomtest(k, n, p).pvalue, rel=1e-9, abs=1e-300) for k in range(n + 1))
+
+
+@pytest.mark.parametrize("t", [0.5, 0.3])
+def test_each_look_is_scipys_two_sided_test_at_its_share_of_alpha(t):
+    """Scripted votes (image i: a fixed share q_i of every look's new copies): the verdict is decided at the first
+    look whose cumulative votes reject p = t in scipy's two-sided binomtest at that look's level (α/(2(K−1)) before
+    the last look, α/2 at it), positive when the share is above t; ABSTAIN when no look rejects. Exact."""
+    from scipy.stats import binomtest
+    shares = torch.linspace(0, 1, 41)
+    alpha, n = 0.01, 1000
+
+    def sample(active, k):
+        return (shares[active] * k).round().long()
+
+    verdicts, votes, used = sequential_decide(sample, len(shares), n, t, alpha)
+    schedule, levels = looks(n), look_levels(len(looks(n)), alpha)
+    assert schedule == [32, 128, 512, 1000] and levels == [alpha / 6] * 3 + [alpha / 2]
+    for i, q in enumerate(shares.tolist()):
+        total_votes, drawn, expected = 0, 0, (-1, n)
+        for total, level in zip(schedule, levels):
+            total_votes += round(q * (total - drawn))
+            drawn = total
+            if binomtest(total_votes, total, t).pvalue <= level:
+                expected = (int(total_votes > t * total), total)
+                break
+        assert (verdicts[i].item(), used[i].item()) == expected, (q, t)
+        assert votes[i].item() == total_votes
+    assert set(verdicts.tolist()) == {-1, 0, 1} and len(set(used.tolist())) >= 3  # every branch was exercised

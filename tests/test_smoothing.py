@@ -1,15 +1,13 @@
 """Randomized smoothing: Smooth's statistics on stub classifiers, the noise view, train_rs.py and the certify CLI."""
 import json
-import math
-
 import pytest
 import torch
-from scipy.stats import beta, norm
+from scipy.stats import beta, binom, binomtest, norm
 from torch import nn
 
 import train_rs
 from models import Scanner, ScannerConfig, StampEncoder, StampEncoderConfig, save_pretrained
-from smoothing import ABSTAIN, Smooth, gaussian_noise_view
+from smoothing import ABSTAIN, Smooth, gaussian_noise_view, lower_confidence_bound
 from smoothing.certify import (RADII, TSV_COLUMNS, CertifyRow, certified_accuracy, format_table, read_tsv,
                                write_tsv)
 from smoothing.certify import main as certify_main
@@ -56,29 +54,102 @@ def linear_case(p_class1: float, sigma: float):
     return x, LinearStub(w, b)
 
 
-def closed_form_p_class1(stub: LinearStub, x: torch.Tensor, sigma: float) -> float:
-    return float(norm.cdf((float(stub.w @ x.flatten()) - stub.b) / (sigma * float(stub.w.norm()))))
+def replay_counts(stub: LinearStub, x: torch.Tensor, sigma: float, sizes: list[int], seed: int) -> list[int]:
+    """Class-1 counts of consecutive runs of `sizes` noisy copies, drawn here from a generator seeded `seed` as
+    Smooth draws them (one standard normal per pixel, batch after batch, scaled by σ and added to x) and read by
+    the stub's own rule (w·v > b), independently of Smooth's counting."""
+    g = torch.Generator().manual_seed(seed)
+    counts = []
+    for size in sizes:
+        noise = torch.empty(size, *x.shape).normal_(generator=g)
+        counts.append(int(((noise * sigma + x).flatten(1) @ stub.w - stub.b > 0).sum()))
+    return counts
 
 
 @pytest.mark.parametrize("p_class1, expected_class", [(0.9, 1), (0.2, 0)])
-def test_certified_radius_matches_the_closed_form(p_class1, expected_class):
-    sigma, n, alpha = 0.5, 20_000, 0.001
+def test_certified_radius_is_sigma_times_the_normal_quantile_of_the_clopper_pearson_bound(p_class1, expected_class):
+    """Exact: the counts are replayed from the same seeded draws, and the radius recomputed from them with scipy's
+    closed forms, σ·Φ⁻¹(beta.ppf(alpha, nA, n − nA + 1)); a bound at 2·alpha or alpha/2, noise not scaled by σ,
+    or the estimation reusing the selection draws gives another number."""
+    sigma, n0, n, alpha, batch = 0.5, 100, 20_000, 0.001, 1000
     x, stub = linear_case(p_class1, sigma)
-    p_a = closed_form_p_class1(stub, x, sigma)
-    p_a = p_a if expected_class == 1 else 1 - p_a
-    assert p_a == pytest.approx(max(p_class1, 1 - p_class1))
-
-    predict, radius = Smooth(stub, sigma).certify(x, n0=100, n=n, alpha=alpha, batch_size=1000,
+    predict, radius = Smooth(stub, sigma).certify(x, n0=n0, n=n, alpha=alpha, batch_size=batch,
                                                   generator=torch.Generator().manual_seed(0))
-    assert predict == expected_class
-    # The radius a run with exactly the expected count n·pA would certify, from scipy directly.
-    k = round(n * p_a)
-    expected = sigma * norm.ppf(beta.ppf(alpha, k, n - k + 1))
-    # The count's binomial spread, carried through σ·Φ⁻¹: radius sd ≈ σ·sd(p̂)/φ(Φ⁻¹(pA)).
-    radius_sd = sigma * math.sqrt(p_a * (1 - p_a) / n) / norm.pdf(norm.ppf(p_a))
-    assert abs(radius - expected) < 5 * radius_sd, (radius, expected, radius_sd)
-    assert radius < sigma * norm.ppf(p_a)  # a lower bound: below the radius of the true pA
-    assert stub.max_batch <= 1000
+    selection, *estimation = replay_counts(stub, x, sigma, [n0] + [batch] * (n // batch), seed=0)
+    assert expected_class == int(selection > n0 - selection) == predict
+    n_a = sum(estimation) if expected_class == 1 else n - sum(estimation)
+    p_lower = binomtest(n_a, n, alternative="greater").proportion_ci(1 - alpha, method="exact").low
+    assert radius == pytest.approx(sigma * norm.ppf(p_lower), rel=1e-12)
+    assert radius == pytest.approx(sigma * norm.ppf(beta.ppf(alpha, n_a, n - n_a + 1)), rel=1e-12)
+    for wrong in (2 * alpha, alpha / 2):  # what the bound at another level would have given: far from it
+        assert abs(radius - sigma * norm.ppf(beta.ppf(wrong, n_a, n - n_a + 1))) > 1e-3
+    assert stub.max_batch <= batch
+
+
+class ScriptedStub(nn.Module):
+    """Answers the classes of a fixed script, one per input image, in order, whatever the input."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers = list(answers)
+
+    def forward(self, x):
+        classes = torch.tensor(self.answers[:x.shape[0]])
+        del self.answers[:x.shape[0]]
+        return torch.nn.functional.one_hot(classes, 3).float()
+
+
+@pytest.mark.parametrize("n_a, n, alpha", [(1, 10, 0.05), (37, 50, 0.001), (9, 10, 0.1), (990, 1000, 0.001),
+                                           (1000, 1000, 0.01), (5100, 10000, 0.2)])
+def test_the_lower_confidence_bound_is_one_sided_clopper_pearson_at_alpha(n_a, n, alpha):
+    """Three independent characterisations: scipy's exact one-sided interval at 1 − alpha, the lower end of the
+    exact two-sided interval at 1 − 2·alpha (Cohen's proportion_confint(alpha=2·alpha)), and its definition,
+    P(Binomial(n, p_lower) ≥ nA) = alpha."""
+    bound = lower_confidence_bound(n_a, n, alpha)
+    one_sided = binomtest(n_a, n, alternative="greater").proportion_ci(1 - alpha, method="exact").low
+    two_sided = binomtest(n_a, n).proportion_ci(1 - 2 * alpha, method="exact").low
+    assert bound == pytest.approx(one_sided, rel=1e-12) and bound == pytest.approx(two_sided, rel=1e-9)
+    assert binom.sf(n_a - 1, n, bound) == pytest.approx(alpha, rel=1e-6)
+    assert lower_confidence_bound(0, n, alpha) == 0.0
+
+
+@pytest.mark.parametrize("n_a, n0_votes", [(920, 40), (80, 3), (500, 10)])
+def test_certify_selects_on_n0_copies_and_bounds_on_n_fresh_ones(n_a, n0_votes):
+    """A scripted base classifier: n0 = 50 selection answers (n0_votes of them class 1, the rest class 0), then
+    n = 1000 estimation answers (n_a class 1, then class 0, then class 2). The class is the selection's majority,
+    its radius σ·Φ⁻¹ of the bound on its count among the fresh n; ABSTAIN when that bound is below ½."""
+    n0, n, sigma, alpha = 50, 1000, 0.25, 0.001
+    estimation = [1] * n_a + [0] * (n - n_a - 5) + [2] * 5
+    stub = ScriptedStub([1] * n0_votes + [0] * (n0 - n0_votes) + estimation)
+    predict, radius = Smooth(stub, sigma).certify(torch.zeros(SHAPE), n0=n0, n=n, alpha=alpha, batch_size=64)
+    selected = 1 if n0_votes > n0 - n0_votes else 0
+    count = estimation.count(selected)
+    p_lower = float(beta.ppf(alpha, count, n - count + 1))
+    if p_lower < 0.5:
+        assert (predict, radius) == (ABSTAIN, 0.0)
+    else:
+        assert predict == selected and radius == pytest.approx(sigma * norm.ppf(p_lower), rel=1e-12)
+    assert stub.answers == []  # exactly n0 + n copies were classified
+
+
+def test_predict_uses_the_two_sided_binomial_test():
+    """Every split of n = 60 votes between two classes: PREDICT answers the majority exactly when scipy's
+    two-sided binomial test against ½ rejects at alpha. Some splits are significant one-sided but not two-sided:
+    there a one-sided test would answer and PREDICT must abstain."""
+    n, alpha = 60, 0.01
+    one_sided_only = 0
+    for k in range(n + 1):
+        two = binomtest(k, n, 0.5).pvalue
+        one = binomtest(max(k, n - k), n, 0.5, alternative="greater").pvalue
+        one_sided_only += one <= alpha < two
+        expected = (1 if k > n - k else 0) if two <= alpha else ABSTAIN
+        assert Smooth.decide(torch.tensor([n - k, k]), alpha) == expected, k
+        stub = ScriptedStub([1] * k + [0] * (n - k))
+        assert Smooth(stub, 0.25).predict(torch.zeros(SHAPE), n=n, alpha=alpha, batch_size=7) == expected, k
+    assert one_sided_only == 2  # 20 and 40 of 60: one-sided p 0.0067, two-sided 0.0135
+    assert Smooth.decide(torch.tensor([20, 40]), alpha) == ABSTAIN and Smooth.decide(torch.tensor([19, 41]), alpha) == 1
+    # the top two of three classes are compared: 9 against 1 (two-sided p 0.021), not against 0
+    assert Smooth.decide(torch.tensor([0, 9, 1]), 0.05) == 1 and Smooth.decide(torch.tensor([1, 0, 9]), 0.05) == 2
 
 
 def test_a_classifier_that_answers_at_random_abstains():
@@ -174,11 +245,16 @@ def test_noise_view_adds_unclamped_gaussian_noise_from_the_global_generator():
     torch.manual_seed(0)
     (view,) = gaussian_noise_view(0.25)(pair, 0)
     assert view.name == "noisy" and view.weight == 1.0 and view.images.shape == pair.shape
-    noise = view.images - pair
-    assert noise.mean().abs() < 0.01 and noise.std().item() == pytest.approx(0.25, rel=0.03)
-    assert view.images.min() < 0 and view.images.max() > 1  # not clamped, as in certification
     torch.manual_seed(0)
-    assert torch.equal(gaussian_noise_view(0.25)(pair, 0)[0].images, view.images)
+    assert torch.equal(view.images, pair + 0.25 * torch.randn_like(pair))  # σ·N(0, 1), the same draw: exact
+    assert view.images.min() < 0 and view.images.max() > 1  # not clamped, as in certification
+    assert gaussian_noise_view(0.25, weight=3.0)(pair, 0)[0].weight == 3.0
+    _, args, views = train_rs.parse(["--run_name", "r", "--std", "0.25", "--rs_w", "3"])
+    (view,) = views(pair, 0)  # train_rs.py: the noisy pair alone, at --rs_w, with σ = --std
+    torch.manual_seed(1)
+    (again,) = views(pair, 0)
+    torch.manual_seed(1)
+    assert view.weight == 3.0 and torch.equal(again.images, pair + 0.25 * torch.randn_like(pair))
     for std in (0, -1, float("inf")):
         with pytest.raises(ValueError, match="--std"):
             gaussian_noise_view(std)

@@ -1,14 +1,16 @@
-"""train.py end to end on CPU at tiny size: files, resumption, weights-only checkpoints, errors, the border."""
+"""train.py end to end on CPU at tiny size: files, resumption (with the random state), weights-only checkpoints,
+errors; the training step's loss, labels and image-loss ramp, exactly; the recipes' padding."""
+import copy
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 import train
-from engine.evaluation import border_energy_ratio
-from models import load_pretrained
+from engine import training
+from engine.training import Trainer
+from models import ScannerConfig, StampEncoderConfig, load_pretrained
 from conftest import TINY_TRAIN_FLAGS as TINY
 
 
@@ -55,16 +57,18 @@ def test_train_defaults_to_the_scikit_image_photos(tmp_path, capsys):
     assert "scikit-image sample photos" in out and "astronaut.png" in out
 
 
-def test_trained_residual_is_not_hidden_at_the_border(tmp_path, photo_folder):
-    """The pitfall: on small crops an encoder learns to hide the stamp in a stripe along the border."""
-    _run(tmp_path, "--max_step", "60", "--train_path", str(photo_folder), "--lr", "1e-3",
-         "--warmup_steps", "0", "--ramp_steps", "60", "--val_every", "60", "--save_every", "60", name="border")
-    encoder, _, _ = load_pretrained(tmp_path / "border" / "model")
-    x = torch.from_numpy(np.array(Image.open(photo_folder / "im11.png").resize((96, 96)))).permute(2, 0, 1)
-    with torch.no_grad():
-        residual = encoder(x[None].float() / 255)
-    assert residual.abs().mean() > 1e-3  # there is a stamp to look at
-    assert border_energy_ratio(residual, band=4).item() < 2.0
+@pytest.mark.parametrize("recipe, flags, expected", [("robust", [], "replicate"), ("original", [], "zeros"),
+                                                     ("robust", ["--padding_mode", "zeros"], "zeros")])
+def test_the_recipe_sets_the_padding_of_both_networks(recipe, flags, expected):
+    """The border-stripe shortcut (an encoder hiding the stamp along the border of small crops, found by a scanner
+    that sees the border) needs zero padding: the robust recipe gives both networks replicate padding, the original
+    keeps its zeros, and --padding_mode reaches both. Every convolution that pads at all pads that way."""
+    _, args, views = train.parse(["--run_name", "r", "--recipe", recipe, "--device", "cpu", *flags])
+    trainer = Trainer(args, views, torch.device("cpu"), log=lambda *a: None)
+    for network in (trainer.encoder, trainer.scanner):
+        padded = [m for m in network.modules() if isinstance(m, torch.nn.Conv2d) and any(p > 0 for p in m.padding)]
+        assert padded and {m.padding_mode for m in padded} == {expected}, type(network).__name__
+    assert StampEncoderConfig().padding_mode == ScannerConfig().padding_mode == "replicate"  # the library default
 
 
 def test_missing_train_path_is_one_clear_line(tmp_path, capsys):
@@ -110,3 +114,90 @@ def test_init_from_fine_tunes_from_a_model_at_step_zero(tmp_path, photo_folder, 
                         "--train_path", str(photo_folder), "--lr", "1e-12"])
     fresh_encoder, _, _ = load_pretrained(tmp_path / "fresh" / "model")
     assert not torch.allclose(fresh_encoder.to_residual.weight, base_encoder.to_residual.weight)
+
+
+# ------------------------------------------------------------------------------------------- one step, exactly
+class _FakeLPIPS(torch.nn.Module):
+    """A stand-in for LPIPS (no AlexNet download in tests): a fixed differentiable distance, > 0 for x' ≠ x."""
+
+    def forward(self, a, b, normalize=False):
+        return (a - b).abs().mean((1, 2, 3))
+
+
+def _trainer(monkeypatch, *flags):
+    monkeypatch.setattr(training, "load_lpips", lambda device, log=print: _FakeLPIPS())
+    _, args, views = train.parse(["--run_name", "r", *TINY, "--lps_w", "0.5", "--no-channels_last", *flags])
+    torch.manual_seed(0)
+    return Trainer(args, views, torch.device("cpu"), log=lambda *a: None), args
+
+
+@pytest.mark.parametrize("flags, weights", [
+    # step: 0 … warm-up … ramp over 20 steps … full
+    (["--warmup_steps", "10", "--ramp_steps", "20", "--img_w", "3"], {0: 0.0, 9: 0.0, 10: 0.0, 15: 0.25, 20: 0.5,
+                                                                      30: 1.0, 31: 1.0}),
+    # the original's ramp, img_w times faster: min(img_w·step/ramp_steps, 1)
+    (["--warmup_steps", "0", "--ramp_steps", "8", "--img_w", "2", "--ramp_scaled_by_img_w", "on"],
+     {0: 0.0, 1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0, 9: 1.0}),
+])
+def test_each_step_weighs_the_image_losses_by_the_warmup_and_ramp(monkeypatch, flags, weights):
+    """loss = ramp(step)·(img_w·L_rr + lps_w·L_ps) + L_A, with the ramp's value computed here by hand; L_rr and
+    L_ps are far from 0, so ignoring the ramp (or the warm-up, or its slope) changes the total."""
+    trainer, args = _trainer(monkeypatch, *flags)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for step, weight in weights.items():
+        terms = trainer.step(x, step)
+        l_rr, l_ps, l_a = terms["loss/L_rr"], terms["loss/L_ps"], terms["loss/L_A"]
+        assert l_rr > 1e-3 and l_ps > 1e-3
+        expected = weight * (args.img_w * l_rr + 0.5 * l_ps) + l_a
+        assert terms["loss/total"].item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-7), step
+
+
+def _yuv(x):
+    """RGB → YUV with the BT.601 matrix (what kornia.color.rgb_to_yuv uses), written out here."""
+    m = torch.tensor([[0.299, 0.587, 0.114], [-0.147, -0.289, 0.436], [0.615, -0.515, -0.100]])
+    return torch.einsum("ij,bjhw->bihw", m, x)
+
+
+def test_a_step_labels_clean_0_and_stamped_1_and_weighs_its_losses_as_the_recipe_says(monkeypatch):
+    """Recomputed here on copies of the networks: L_A is rs_w times the cross-entropy of the scanner on [x, x']
+    with labels [0]·B + [1]·B (CLEAN = 0, STAMPED = 1), and its accuracy likewise; the robust recipe's L_rr is
+    the YUV MSE weighted (Y, U, V) = (1, --u_scale 50, 100) plus 0.1·mean|δ|. Flipped labels, the pair stacked as
+    [x', x], or another weight give other numbers."""
+    trainer, _ = _trainer(monkeypatch, "--rs_w", "2", "--u_scale", "50")
+    encoder, scanner = copy.deepcopy(trainer.encoder).train(), copy.deepcopy(trainer.scanner).train()
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    terms = trainer.step(x, 0)
+    with torch.no_grad():
+        residual = encoder(x)
+        stamped = (x + residual).clamp(0, 1)
+        logits = scanner(torch.cat([x, stamped]))
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    ce = F.cross_entropy(logits, labels)
+    assert terms["L_A/plain"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert abs(ce.item() - F.cross_entropy(logits, 1 - labels).item()) > 1e-3  # the test can tell the two apart
+    assert terms["acc/plain"].item() == (logits.argmax(1) == labels).float().mean().item()
+    assert terms["loss/L_A"].item() == pytest.approx(2 * ce.item(), rel=1e-5)
+    yuv = (_yuv(stamped) - _yuv(x)).pow(2).mean((0, 2, 3))
+    l_rr = yuv[0] + 50 * yuv[1] + 100 * yuv[2] + 0.1 * residual.abs().mean()
+    assert terms["loss/L_rr"].item() == pytest.approx(l_rr.item(), rel=1e-4)
+    assert terms["loss/L_ps"].item() == pytest.approx(_FakeLPIPS()(stamped, x).mean().item(), rel=1e-5)
+
+
+def test_a_resumed_run_continues_the_checkpoints_random_stream(tmp_path, photo_folder, monkeypatch):
+    """Resuming restores torch's generator to the state the checkpoint saved, after the models are rebuilt (whose
+    initialisation draws from it), so random crops, noise and augmentations continue the interrupted stream
+    instead of restarting from the seed."""
+    states = {}
+    real_batches = training._Run.batches
+
+    def recording(self):
+        states[self.args.max_step] = torch.get_rng_state()
+        return real_batches(self)
+
+    monkeypatch.setattr(training._Run, "batches", recording)
+    flags = ["--train_path", str(photo_folder), "--save_every", "2", "--val_every", "100"]
+    _run(tmp_path, "--max_step", "2", *flags)
+    saved = torch.load(tmp_path / "t" / "checkpoints" / "last.pt", weights_only=True)["rng"]["cpu"]
+    _run(tmp_path, "--max_step", "3", *flags)
+    assert torch.equal(states[3], saved)
+    assert not torch.equal(states[2], saved)  # a fresh start is elsewhere in the stream
