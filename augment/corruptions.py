@@ -391,13 +391,18 @@ def to_pixels(image: torch.Tensor) -> np.ndarray:
     return (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+def encode_decode(pixels: np.ndarray, format: str, **options) -> np.ndarray:
+    """(H,W,3) uint8 → the same image saved in `format` with Pillow's `options` and read back, (H,W,3) uint8: the
+    one real-codec round trip (pillow_jpeg here, augment.forwarding's codecs)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=format, **options)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return np.asarray(image.convert("RGB")).copy()
+
+
 def pillow_jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """Real JPEG round trip with Pillow: x (B,3,H,W) in [0,1], quality (B,) → decoded batch, same dtype/device."""
-    out = []
-    for image, q in zip(x.float().cpu(), quality.tolist()):
-        pixels = to_pixels(image)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=int(round(q)))
-        decoded = np.asarray(Image.open(buffer).convert("RGB"))
-        out.append(torch.from_numpy(decoded.copy()).permute(2, 0, 1))
+    out = [torch.from_numpy(encode_decode(to_pixels(image), "JPEG", quality=int(round(q)))).permute(2, 0, 1)
+           for image, q in zip(x.float().cpu(), quality.tolist())]
     return (torch.stack(out).to(x.device, x.dtype)) / 255

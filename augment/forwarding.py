@@ -19,7 +19,6 @@ size: the output is (B,3,h,w), the same for every image of a batch of one size.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,18 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .corruptions import to_pixels
+from .corruptions import encode_decode, to_pixels
 
 Pixels = np.ndarray  # (H,W,3) uint8
-
-
-def encode_decode(pixels: Pixels, format: str, **options) -> Pixels:
-    """(H,W,3) uint8 → the same image saved in `format` with Pillow's `options` and read back, (H,W,3) uint8."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=format, **options)
-    buffer.seek(0)
-    with Image.open(buffer) as image:
-        return np.asarray(image.convert("RGB")).copy()
 
 
 @dataclass(frozen=True)

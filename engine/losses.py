@@ -1,8 +1,8 @@
 """The paper's losses: residual regularisation L_rr, perceptual L_ps (LPIPS), anti-forwarding L_A."""
 from __future__ import annotations
 
-import os
 import functools
+import os
 import warnings
 from dataclasses import dataclass
 
