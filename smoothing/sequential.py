@@ -82,7 +82,7 @@ def sequential_decide(sample: Callable[[torch.Tensor, int], torch.Tensor], batch
     used = torch.zeros(batch, dtype=torch.long)
     active = torch.arange(batch)
     drawn = 0
-    for look, (total, level) in enumerate(zip(schedule, levels)):
+    for total, level in zip(schedule, levels):
         if len(active) == 0:
             break
         votes[active] += sample(active, total - drawn).cpu().long()
@@ -94,6 +94,5 @@ def sequential_decide(sample: Callable[[torch.Tensor, int], torch.Tensor], batch
         else:
             decisive = torch.ones(len(active), dtype=torch.bool)
         verdicts[active[decisive]] = above[decisive].long()
-        # not decisive at the last look (n copies): abstain (the verdict stays -1)
-        active = active[~decisive] if look < len(schedule) - 1 else active[:0]
+        active = active[~decisive]  # after the last look (n copies) the undecided abstain: their verdict stays -1
     return verdicts, votes, used

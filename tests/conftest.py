@@ -13,6 +13,11 @@ TINY_TRAIN_FLAGS = ["--recipe", "robust", "--image_size", "32", "--batch_size", 
                     "--save_every", "3", "--val_images", "4", "--test_images", "4"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "end_to_end: runs evaluate.py or a training script through (seconds each); "
+                                       "`-m 'not end_to_end'` leaves the unit tests (what `make mutation` runs)")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_downloads(tmp_path_factory):
     """Tests never download and never read a cache outside the project: torch.hub's folder (where torchvision keeps

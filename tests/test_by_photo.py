@@ -19,6 +19,7 @@ def test_a_photo_is_stamped_if_any_tile_is_and_scores_by_its_maximum():
     v, s = by_photo(verdicts, scores, ids)
     assert v.tolist() == [STAMPED, -1, CLEAN] and s.tolist() == pytest.approx([2.0, 0.1, -0.2])
     assert photo_means(scores, ids).tolist() == pytest.approx([0.5, -1.45, -0.5333333])
+    assert s.dtype == photo_means(scores, ids).dtype == torch.float32  # the scores' own precision comes back
 
 
 def test_five_photos_of_seventy_tiles_never_back_a_1_percent_fpr():
@@ -45,6 +46,7 @@ def tiled(tmp_path_factory):
     return root
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("max_images, photos", [(12, 3), (7, 3), (2, 2)])
 def test_evaluate_counts_photos_and_records_tiles(tiled, tmp_path, max_images, photos):
     """--max_images M over P photos: ceil(M/P) tiles from each photo in turn, the first M of them, so 7 tiles are
@@ -62,6 +64,7 @@ def test_evaluate_counts_photos_and_records_tiles(tiled, tmp_path, max_images, p
     assert json.loads((tmp_path / "ev" / "results.json").read_text())["table1"]["none"]["n"] == photos
 
 
+@pytest.mark.end_to_end
 def test_certify_noise_is_independent_of_predict_noise(tiled, tmp_path, monkeypatch):
     seen = {}
     real = evaluate.certify_labelled
@@ -82,6 +85,7 @@ def test_certify_noise_is_independent_of_predict_noise(tiled, tmp_path, monkeypa
     assert not torch.equal(predict[:10], certify[:10])
 
 
+@pytest.mark.end_to_end
 def test_attacks_and_certification_take_one_tile_per_photo(tiled, tmp_path, monkeypatch):
     """12 tiles of 3 photos: the photos attacked (and certified) are the first tile of each photo, clean and
     stamped, not the first tiles of the first photo."""
@@ -117,6 +121,7 @@ def both(tiled, tmp_path_factory):
                           "16", "--certify_images", "0")
 
 
+@pytest.mark.end_to_end
 def test_both_protocols_are_written_with_the_paper_beside_them(both):
     out, results = both
     assert results["protocol"] == "both" and results["table3"] and results["original"]["table3"]
@@ -133,6 +138,7 @@ def test_both_protocols_are_written_with_the_paper_beside_them(both):
     assert "noise" in results["original"]["table3"]["attacks"] and "pgd-40" in results["original"]["table3"]["attacks"]
 
 
+@pytest.mark.end_to_end
 def test_original_table1_is_the_mean_vote_share_of_the_detection_pass(tiled, tmp_path, monkeypatch):
     captured = {}
     real = evaluate.Evaluation.detection
@@ -152,12 +158,14 @@ def test_original_table1_is_the_mean_vote_share_of_the_detection_pass(tiled, tmp
     assert results["table3"] is None and results["certification"] is None  # strict stages skipped
 
 
+@pytest.mark.end_to_end
 def test_strict_protocol_writes_no_original_section(tiled, tmp_path):
     results = _evaluate(tiled, tmp_path / "ev", "--protocol", "strict", "--attack_images", "0")
     assert results["original"] is None
     assert "## The original protocol" not in (tmp_path / "ev" / "tables.md").read_text()
 
 
+@pytest.mark.end_to_end
 def test_compare_assembles_the_papers_tables(both, tiled, tmp_path, capsys):
     out, _ = both
     plain = _evaluate(tiled, tmp_path / "plain", "--paper_row", "plain", "--protocol", "both")

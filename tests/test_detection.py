@@ -1,5 +1,7 @@
 """Table 1's detection pass, exactly: every condition is applied to the photos the judge sees (with its documented
 seed), clean and stamped alike, and each row's figures are what its verdicts say. Stubs only: CPU, milliseconds."""
+import math
+
 import pytest
 import torch
 from scipy.stats import binomtest
@@ -7,7 +9,7 @@ from torch import nn
 
 from models import CLEAN, STAMPED
 from report.conditions import table1_conditions
-from report.detection import accuracy_row, detection_pass
+from report.detection import accuracy_row, common_size, detection_pass, mean_std
 from report.judge import Judge
 from smoothing import Smooth
 
@@ -88,18 +90,36 @@ def test_rows_hold_the_judges_verdicts_and_scores_clean_and_stamped_apart(batche
 
 
 def test_accuracy_row_counts_clean_read_clean_and_stamped_read_stamped():
-    clean_v = torch.tensor([CLEAN, CLEAN, STAMPED, -1])
+    clean_v = torch.tensor([CLEAN, CLEAN, CLEAN, STAMPED, -1])
     stamped_v = torch.tensor([STAMPED, CLEAN, STAMPED, STAMPED])
-    clean_s, stamped_s = torch.tensor([-2.0, -1.0, 0.5, 0.0]), torch.tensor([3.0, -1.5, 1.0, 2.0])
+    clean_s, stamped_s = torch.tensor([-2.0, -1.0, -0.5, 0.5, 0.0]), torch.tensor([3.0, -1.5, 1.0, 2.0])
     row = accuracy_row(clean_v, stamped_v, clean_s, stamped_s)
     # AUC: the share of (clean, stamped) pairs whose stamped score is higher, ties counting one half
     pairs = [(c, s) for c in clean_s.tolist() for s in stamped_s.tolist()]
     expected_auc = (sum(s > c for c, s in pairs) + 0.5 * sum(s == c for c, s in pairs)) / len(pairs)
-    assert row == {"acc_clean": 0.5, "acc_stamped": 0.75, "acc": 0.625, "abstain": 0.125,
-                   "auc": pytest.approx(expected_auc), "n": 4}
+    assert row == {"acc_clean": 0.6, "acc_stamped": 0.75, "acc": pytest.approx(0.675), "abstain": 1 / 9,
+                   "auc": pytest.approx(expected_auc), "n": 5}
     only_clean = accuracy_row(clean_v, torch.empty(0, dtype=torch.long), clean_s, torch.empty(0))
-    assert only_clean == {"acc_clean": 0.5, "acc_stamped": None, "acc": None, "fpr": 0.25, "abstain": 0.25,
-                          "auc": None, "n": 4}
+    assert only_clean == {"acc_clean": 0.6, "acc_stamped": None, "acc": None, "fpr": 0.2, "abstain": 0.2,
+                          "auc": None, "n": 5}
+
+
+def test_common_size_centre_crops_every_batch_to_the_smallest_height_and_width():
+    tall, wide = torch.arange(1 * 3 * 9 * 6.0).reshape(1, 3, 9, 6), torch.arange(2 * 3 * 5 * 10.0).reshape(2, 3, 5, 10)
+    out = common_size([tall, wide])
+    assert out.shape == (3, 3, 5, 6)
+    assert torch.equal(out[:1], tall[..., 2:7, :]) and torch.equal(out[1:], wide[..., :, 2:8])
+    assert torch.equal(common_size([wide, wide]), torch.cat([wide, wide]))
+    assert common_size([]).shape == (0,)
+
+
+def test_mean_std_over_photos():
+    assert mean_std(torch.tensor([1.0, 2.0, 4.0])) == {"mean": pytest.approx(7 / 3),
+                                                       "std": pytest.approx(math.sqrt(7 / 3)), "n": 3}  # Bessel
+    one, empty, missing = mean_std(torch.tensor([5.0])), mean_std(torch.empty(0)), mean_std(None)
+    assert one["mean"] == 5.0 and math.isnan(one["std"]) and one["n"] == 1
+    for row in (empty, missing):
+        assert set(row) == {"mean", "std", "n"} and math.isnan(row["mean"]) and math.isnan(row["std"]) and row["n"] == 0
 
 
 def test_table1_conditions_have_the_strengths_their_names_state():

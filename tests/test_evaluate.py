@@ -12,7 +12,7 @@ import train
 import train_rs
 from datasets import ImageFolderDataset, resolve_image_paths
 from models import load_pretrained
-from report.calibration import clopper_pearson, fpr_upper_bound, operating_point
+from report.calibration import auc, clopper_pearson, fpr_upper_bound, operating_point, roc_curve
 from report.conditions import table1_conditions
 from report.detection import common_size
 from conftest import TINY_TRAIN_FLAGS as TINY
@@ -71,6 +71,7 @@ def recomputed(plain_run, photo_folder):
     return rows, {"psnr": -10 * torch.log10(mse), "lpips": (stamped - x).abs().mean((1, 2, 3)).double()}
 
 
+@pytest.mark.end_to_end
 def test_every_table_and_file_is_produced(plain_eval, plain_run):
     out = plain_run / "eval" / "quick"
     for name in ("results.json", "tables.md", "table1.csv", "table2.csv", "table3.csv", "calibration.csv",
@@ -82,6 +83,7 @@ def test_every_table_and_file_is_produced(plain_eval, plain_run):
     assert plain_eval["settings"]["git_commit"] and plain_eval["settings"]["quick"] is True
 
 
+@pytest.mark.end_to_end
 def test_table1_rows_are_the_scanners_verdicts_on_the_photos_under_each_condition(plain_eval, recomputed):
     rows, _ = recomputed
     for name, expected in rows.items():
@@ -95,6 +97,7 @@ def test_table1_rows_are_the_scanners_verdicts_on_the_photos_under_each_conditio
     assert any(r["auc"] != none["auc"] for n, r in plain_eval["table1"].items() if n != "none")
 
 
+@pytest.mark.end_to_end
 def test_table2_is_the_mean_and_std_over_photos(plain_eval, recomputed):
     _, expected = recomputed
     t2 = plain_eval["table2"]
@@ -106,6 +109,7 @@ def test_table2_is_the_mean_and_std_over_photos(plain_eval, recomputed):
     assert t2["ssim"]["n"] == 8 and t2["lpips_note"] is None
 
 
+@pytest.mark.end_to_end
 def test_attacks_never_raise_accuracy_and_their_rates_are_counted_over_the_right_photos(plain_eval):
     """4 clean and 4 stamped photos attacked. For a plain scanner (no abstention) every clean photo read clean
     without attack is either still read clean or forged, every stamped one read stamped is either still read
@@ -138,6 +142,7 @@ def _md_table(markdown: str, heading: str) -> list[list[str]]:
             if line.startswith("|") and not line.startswith("|---")][1:]
 
 
+@pytest.mark.end_to_end
 def test_json_csv_and_markdown_agree(plain_eval, plain_run):
     out = plain_run / "eval" / "quick"
     results = json.loads((out / "results.json").read_text())
@@ -157,6 +162,7 @@ def test_json_csv_and_markdown_agree(plain_eval, plain_run):
     assert results["calibration"]["auc"] == pytest.approx(results["table1"]["none"]["auc"])
 
 
+@pytest.mark.end_to_end
 def test_an_earlier_evaluation_is_kept_unless_overwrite(plain_eval, plain_run, photo_folder, capsys):
     before = (plain_run / "eval" / "quick" / "results.json").read_text()
     with pytest.raises(SystemExit):
@@ -165,6 +171,7 @@ def test_an_earlier_evaluation_is_kept_unless_overwrite(plain_eval, plain_run, p
     assert (plain_run / "eval" / "quick" / "results.json").read_text() == before
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("flags, message", [
     (["--checkpoint", "/no/such/run"], "no such folder"),
     (["--eps", "8,x"], "--eps"),
@@ -177,6 +184,7 @@ def test_bad_input_is_one_line(plain_run, tmp_path, capsys, flags, message):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.end_to_end
 def test_the_runs_training_photos_are_not_used_by_default(plain_run, photo_folder, tmp_path, capsys,
                                                           no_downloads):
     """Without --all_images, evaluating on the training folder uses its held-out test split only."""
@@ -192,6 +200,7 @@ def test_the_runs_training_photos_are_not_used_by_default(plain_run, photo_folde
         f"alexnet-owt-7be5be79.pth in {no_downloads}/checkpoints/.")
 
 
+@pytest.mark.end_to_end
 def test_photos_of_different_sizes_at_native_resolution_are_attacked_at_a_common_size(plain_run, photo_folder,
                                                                                        tmp_path):
     """--size 0 judges every photo at its own size; attacks batch them centre-cropped to the smallest one."""
@@ -205,6 +214,7 @@ def test_photos_of_different_sizes_at_native_resolution_are_attacked_at_a_common
     assert torch.equal(crops[0], parts[0][0]) and torch.equal(crops[1], parts[1][0, :, 1:42, 1:58])
 
 
+@pytest.mark.end_to_end
 def test_a_smoothed_scanner_is_judged_by_predict_and_certified(tmp_path, photo_folder):
     train_rs.main(["--run_name", "rs", "--results_dir", str(tmp_path), "--max_step", "6", "--std", "0.25",
                    "--train_path", str(photo_folder), *TINY])
@@ -236,9 +246,64 @@ def test_the_full_settings_are_the_papers():
 # ------------------------------------------------------------------------------------------ calibration
 
 def test_clopper_pearson_matches_scipys_exact_interval():
-    for k, n in [(0, 30), (3, 30), (30, 30), (17, 1000)]:
+    for k, n in [(0, 30), (3, 30), (30, 30), (17, 1000), (0, 1), (1, 1)]:
         ci = binomtest(k, n).proportion_ci(0.95, method="exact")
         assert clopper_pearson(k, n) == pytest.approx((ci.low, ci.high))
+    assert clopper_pearson(0, 0) == (0.0, 1.0)  # no trials: every proportion is possible
+    assert fpr_upper_bound(30, 30) == fpr_upper_bound(0, 0) == 1.0
+
+
+def test_the_roc_and_auc_are_over_clean_scored_low_and_stamped_high():
+    """Three clean and three stamped scores: 6 of the 9 (stamped, clean) pairs are ranked right."""
+    clean, stamped = torch.tensor([0.1, 0.4, 0.9]), torch.tensor([0.35, 0.8, 0.95])
+    roc = roc_curve(clean, stamped)
+    assert roc["fpr"] == pytest.approx([0, 0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1])
+    assert roc["tpr"] == pytest.approx([0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1, 1])
+    assert roc["thresholds"][1:] == pytest.approx([0.95, 0.9, 0.8, 0.4, 0.35, 0.1])  # torchmetrics starts at 1
+    assert roc["auc"] == pytest.approx(2 / 3) and auc(clean, stamped) == pytest.approx(2 / 3)
+    assert set(roc) == {"fpr", "tpr", "thresholds", "auc"}
+
+
+@pytest.mark.parametrize("target_fpr, confidence", [(0.01, 0.95), (0.02, 0.9), (0.001, 0.95)])
+def test_operating_point_is_the_lowest_threshold_whose_bound_backs_the_target(target_fpr, confidence):
+    """Computed here from scipy alone: the most false positives k whose one-sided exact upper bound is within the
+    target; the threshold is then the (k+1)-th highest clean score, and every field follows from it. A stamped
+    score equal to the threshold is not above it."""
+    gen = torch.Generator().manual_seed(1)
+    clean = torch.randn(2000, generator=gen).double()
+    ranked = clean.sort(descending=True).values
+    stamped = torch.cat([torch.randn(500, generator=gen).double() + 3, ranked[:40]])
+
+    def bound(k):
+        return binomtest(k, 2000, alternative="less").proportion_ci(confidence, method="exact").high
+
+    k = max(k for k in range(0, 200) if bound(k) <= target_fpr) if bound(0) <= target_fpr else 0
+    threshold = float(ranked[k])
+    true_pos = int((stamped > threshold).sum())
+    expected = {
+        "target_fpr": target_fpr, "threshold": threshold, "confidence": confidence, "fpr": k / 2000,
+        "fpr_upper_bound": pytest.approx(bound(k), rel=1e-9), "tpr": true_pos / 540,
+        "tpr_ci": pytest.approx(list(binomtest(true_pos, 540).proportion_ci(confidence, method="exact"))),
+        "n_clean": 2000, "n_stamped": 540, "backed": bound(k) <= target_fpr,
+        "clean_needed": math.ceil(math.log(1 - confidence) / math.log(1 - target_fpr)),
+    }
+    assert operating_point(clean, stamped, target_fpr, confidence) == expected
+    assert k > 0 or target_fpr == 0.001  # 2,000 clean photos back 1% and 2% with false positives to spare
+
+
+def test_operating_point_edges():
+    """A bound equal to the target backs it; no clean photos back nothing; no stamped photos give no rate."""
+    clean, stamped = torch.linspace(0, 1, 299), torch.tensor([2.0])
+    exact = fpr_upper_bound(0, 299)
+    assert operating_point(clean, stamped, exact)["backed"]
+    assert not operating_point(clean, stamped, math.nextafter(exact, 0))["backed"]
+    empty = operating_point(torch.empty(0), stamped, 0.01)
+    assert empty["threshold"] == math.inf and math.isnan(empty["fpr"]) and not empty["backed"]
+    assert empty["tpr"] == 0.0 and empty["fpr_upper_bound"] == 1.0
+    anything = operating_point(clean, stamped, 0.9999)  # every clean photo but the lowest may be flagged
+    assert anything["threshold"] == 0.0 and anything["fpr"] == 298 / 299
+    none_stamped = operating_point(clean, torch.empty(0), 0.01)
+    assert math.isnan(none_stamped["tpr"]) and none_stamped["tpr_ci"] == [0.0, 1.0]
 
 
 @pytest.mark.parametrize("false_pos, n_clean", [(0, 30), (0, 299), (3, 299), (10, 1000), (29, 30)])

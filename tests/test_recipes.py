@@ -295,6 +295,7 @@ def test_one_train_rs_aug_step_gives_the_original_loss(monkeypatch):
 
 
 # ------------------------------------------------------------------------------- end to end
+@pytest.mark.end_to_end
 def test_plain_da_trains_and_resumes(tmp_path, photo_folder):
     flags = ["--run_name", "da", "--results_dir", str(tmp_path), "--train_path", str(photo_folder), *TINY,
              "--aug", "--aug_chain", "original"]
@@ -306,6 +307,7 @@ def test_plain_da_trains_and_resumes(tmp_path, photo_folder):
     assert json.loads((run / "args.json").read_text())["resumed_from_step"] == 3
 
 
+@pytest.mark.end_to_end
 @pytest.mark.parametrize("command", [
     "train.py --run_name X --max_step 200000",
     "train_rs.py --run_name X --max_step 200000 --std 0.5",

@@ -283,9 +283,14 @@ def test_threshold_radius_edges():
     radii = [threshold_radius(900, 1000, t, SIGMA, above=True) for t in (0.3, 0.5, 0.7, 0.85)]
     assert radii == sorted(radii, reverse=True) and radii[-1] > 0
     assert threshold_radius(900, 1000, 0.9, SIGMA, above=True) == 0.0
-    for bad in (dict(votes=101), dict(threshold=1.5), dict(sigma=0.0)):
-        with pytest.raises(ValueError):
+    for bad, message in ((dict(votes=101), r"votes must be in \[0, n = 100\], got 101"),
+                         (dict(threshold=1.5), r"threshold must be in \[0, 1\], got 1.5"),
+                         (dict(sigma=0.0), r"sigma must be a finite noise standard deviation > 0, got 0.0"),
+                         (dict(n=0), r"Smooth: n must be an integer ≥ 1, got 0")):
+        with pytest.raises(ValueError, match=message):
             threshold_radius(**{"votes": 50, "n": 100, "threshold": 0.5, "sigma": SIGMA, **bad})
+    # "p > t" unless said otherwise
+    assert threshold_radius(900, 1000, 0.5, SIGMA) == threshold_radius(900, 1000, 0.5, SIGMA, above=True) > 0
 
 
 # ---------------------------------------------------------------- the largest radius CERTIFY can give

@@ -83,12 +83,60 @@ def test_votes_do_not_depend_on_how_copies_are_batched(smooth):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("n,p", [(32, 0.5), (128, 0.3), (1000, 0.5), (77, 0.9)])
+@pytest.mark.parametrize("n,p", [(32, 0.5), (128, 0.3), (1000, 0.5), (77, 0.9), (2048, 0.5)])
 def test_vectorised_pvalues_equal_scipys_binomtest(n, p):
+    """Also at 2,048 copies (a look of n = 100,000), where the least likely outcomes' probabilities underflow to 0."""
     from scipy.stats import binomtest
     from smoothing.sequential import two_sided_pvalues
     ours = two_sided_pvalues(n, p)
+    assert ours.shape == (n + 1,) and ours.max() <= 1.0
     assert all(ours[k] == pytest.approx(binomtest(k, n, p).pvalue, rel=1e-9, abs=1e-300) for k in range(n + 1))
+
+
+def test_looks_refuses_what_has_no_schedule():
+    assert looks(1, 1, 2) == [1] and looks(9, 1, 2) == [1, 2, 4, 8, 9]
+    for n, first, factor in [(0, 1, 2), (1, 0, 2), (1, 1, 1)]:
+        with pytest.raises(ValueError, match=rf"^looks: need n ≥ 1, first ≥ 1 and factor ≥ 2, got n {n}, "
+                                             rf"first {first}, factor {factor}$"):
+            looks(n, first, factor)
+
+
+def _recording(p: float, seed: int, calls: list):
+    sample = _stub(p, seed)
+    return lambda active, k: calls.append(k) or sample(active, k)
+
+
+def test_defaults_are_predict_at_one_half_and_alpha_0_001_over_the_schedule_asked_for():
+    calls = []
+    verdicts, votes, used = sequential_decide(_recording(0.5, 0, calls), 3, 100, first=4, factor=3)
+    assert calls == [4, 8, 24, 64] and used.tolist() == [100] * 3  # cumulative 4, 12, 36, 100
+    assert verdicts.tolist() == [ABSTAIN] * 3  # a fair coin never clears alpha 0.001 in 100 draws
+    assert verdicts.dtype == votes.dtype == used.dtype == torch.int64
+    # alpha is the caller's: 12 of 12 positive is decisive at 0.001 (p = 0.00049), 9 of 12 only at 0.2 (p 0.146)
+    assert sequential_decide(lambda a, k: torch.full((len(a),), k), 1, 12)[0].tolist() == [1]
+    assert sequential_decide(lambda a, k: torch.full((len(a),), 9), 1, 12)[0].tolist() == [ABSTAIN]
+    assert sequential_decide(lambda a, k: torch.full((len(a),), 9), 1, 12, alpha=0.2)[0].tolist() == [1]
+
+
+def test_a_p_value_equal_to_the_looks_level_is_decisive():
+    from smoothing.sequential import two_sided_pvalues
+    level = float(two_sided_pvalues(32, 0.5)[26])  # one look of 32 copies: its level is all of alpha
+    verdicts, _, _ = sequential_decide(lambda a, k: torch.full((len(a),), 26), 1, 32, 0.5, level)
+    assert verdicts.tolist() == [1]
+    verdicts, _, _ = sequential_decide(lambda a, k: torch.full((len(a),), 26), 1, 32, 0.5, math.nextafter(level, 0))
+    assert verdicts.tolist() == [ABSTAIN]
+
+
+@pytest.mark.parametrize("t", [0.0, 1.0])
+def test_thresholds_0_and_1_draw_all_n_copies_at_once_and_compare_the_share(t):
+    """Nothing to test at t = 0 or 1: one look of n copies, verdict positive when the share is above t (a share of
+    exactly t is not above it)."""
+    calls = []
+    for positives, expected in [(0, 0), (7, int(t < 1)), (50, 0 if t == 1 else 1)]:
+        verdicts, votes, used = sequential_decide(lambda a, k: calls.append(k) or torch.full((len(a),), positives),
+                                                  2, 50, t)
+        assert verdicts.tolist() == [expected] * 2 and votes.tolist() == [positives] * 2 and used.tolist() == [50] * 2
+    assert calls == [50, 50, 50]
 
 
 @pytest.mark.parametrize("t", [0.5, 0.3])

@@ -1,5 +1,8 @@
 """Randomized smoothing: Smooth's statistics on stub classifiers, the noise view, train_rs.py and the certify CLI."""
+import inspect
 import json
+import math
+
 import pytest
 import torch
 from scipy.stats import beta, binom, binomtest, norm
@@ -234,12 +237,142 @@ def test_bad_sigma_and_image_are_refused():
 
 
 def test_paper_defaults():
-    import inspect
-    params = inspect.signature(Smooth.certify).parameters
-    assert (params["n0"].default, params["n"].default, params["alpha"].default) == (100, 100_000, 0.001)
+    """Cohen's defaults (n0 100, n 100,000, alpha 0.001, batches of 400) in every entry point that takes them."""
+    from smoothing.certify import certify_images, certify_labelled
+    from smoothing.core import threshold_radius
+    cohen = {"n0": 100, "n": 100_000, "alpha": 0.001, "batch_size": 400}
+    for fn in (Smooth.certify, Smooth.predict, Smooth.counts, Smooth.decide, certify_labelled, certify_images,
+               threshold_radius):
+        defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                    if k in cohen and p.default is not p.empty}
+        assert defaults == {k: cohen[k] for k in defaults} and defaults, fn.__qualname__
+    assert Smooth.decide(torch.tensor([12, 0])) == 0 and Smooth.decide(torch.tensor([11, 1])) == ABSTAIN  # α 0.001
+    sequential = inspect.signature(Smooth.predict_sequential).parameters  # sequential PREDICT: at most 1,000 copies
+    assert {k: sequential[k].default for k in ("n", "alpha", "batch_size", "threshold", "positive")} == {
+        "n": 1000, "alpha": 0.001, "batch_size": 400, "threshold": 0.5, "positive": 1}
+
+
+class Tally(nn.Module):
+    """Answers class 1 for every input and tallies how many inputs it saw and its largest batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.max_batch = 0, 0
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        self.max_batch = max(self.max_batch, x.shape[0])
+        return torch.tensor([[0.0, 1.0]]).expand(x.shape[0], 2)
+
+
+@pytest.mark.parametrize("call, copies", [
+    (lambda smooth, x: smooth.certify(x), 100 + 100_000), (lambda smooth, x: smooth.predict(x), 100_000),
+    (lambda smooth, x: smooth.counts(x), 100_000), (lambda smooth, x: smooth.predict_sequential(x), 32)])
+def test_called_with_no_settings_each_draws_cohens_numbers_of_copies_in_batches_of_400(call, copies):
+    """Sequential PREDICT (at most 1,000 copies) stops at its first look: 32 of 32 copies STAMPED."""
+    tally = Tally()
+    result = call(Smooth(tally, 0.25), torch.zeros(SHAPE))
+    assert tally.seen == copies and tally.max_batch == min(400, copies)
+    if isinstance(result, tuple) and len(result) == 3:
+        assert result[0].tolist() == [1] and result[2].tolist() == [32]
+        coin = Smooth(CoinStub(seed=0), 0.25).predict_sequential(torch.zeros(SHAPE))  # undecided: all 1,000 copies
+        assert coin[0].tolist() == [ABSTAIN] and coin[2].tolist() == [1000]
+
+
+def test_sequential_predict_passes_its_settings_on(monkeypatch):
+    seen = {}
+
+    def spy(sample, batch, n, threshold, alpha):
+        seen.update(batch=batch, n=n, threshold=threshold, alpha=alpha)
+        return torch.tensor([1]), torch.tensor([5]), torch.tensor([7])
+
+    monkeypatch.setattr("smoothing.core.sequential_decide", spy)
+    x, stub = linear_case(0.9, 0.5)
+    verdicts, _, _ = Smooth(stub, 0.5).predict_sequential(x, n=77, alpha=0.02, threshold=0.3, positive=0)
+    assert seen == {"batch": 1, "n": 77, "threshold": 0.3, "alpha": 0.02} and verdicts.tolist() == [0]
+
+
+def test_chunks_are_by_pixels_per_device_and_never_empty():
+    from smoothing.core import CPU_CHUNK_PIXELS, DEVICE_CHUNK_PIXELS, chunk_size
+    assert chunk_size(torch.device("cpu"), 100, 40) == CPU_CHUNK_PIXELS // 4000
+    assert chunk_size(torch.device("cuda"), 100, 40) == DEVICE_CHUNK_PIXELS // 4000 != CPU_CHUNK_PIXELS // 4000
+    assert chunk_size(torch.device("cpu"), 4000, 3000) == 1
+
+
+def test_one_copy_is_a_count_and_a_wrong_alpha_is_named():
+    x, stub = linear_case(0.9, 0.5)
+    assert int(Smooth(stub, 0.5).counts(x, n=1, batch_size=1).sum()) == 1
+    with pytest.raises(ValueError, match=r"^Smooth: alpha must be a number in \(0, 1\), got 'x'$"):
+        Smooth(stub, 0.5).predict(x, alpha="x")
+    with pytest.raises(ValueError, match=r"^Smooth: alpha must be in \(0, 1\), got 1.5$"):
+        Smooth(stub, 0.5).predict(x, alpha=1.5)
+
+
+def test_a_p_value_equal_to_alpha_is_significant():
+    """Cohen's PREDICT abstains only when the p-value exceeds alpha; a lone class is tested against 0 votes."""
+    alpha = binomtest(40, 50).pvalue
+    assert Smooth.decide(torch.tensor([10, 40]), alpha) == 1
+    assert Smooth.decide(torch.tensor([10, 40]), math.nextafter(alpha, 0)) == ABSTAIN
+    assert Smooth.decide(torch.tensor([5]), 0.1) == 0  # binomtest(5, 5): p 0.0625; against 1 vote it would be 0.22
+
+
+def test_predict_counts_certify_and_the_cli_helpers_pass_every_setting_on(monkeypatch):
+    """What the caller asks for (sample counts, alpha, batch size, generator, first row index) is what is used:
+    spies stand in for the layer below and record their arguments."""
+    from smoothing.certify import certify_images, certify_labelled
+    x, stub = linear_case(0.9, 0.5)
+    smooth = Smooth(stub, 0.5)
+    g = torch.Generator().manual_seed(0)
+    seen = []
+    real_counts = smooth.counts
+    monkeypatch.setattr(smooth, "counts", lambda *a, **k: seen.append((a, k)) or real_counts(*a, **k))
+    smooth.predict(x, n=37, alpha=0.01, batch_size=9, generator=g)
+    assert seen == [((x, 37, 9, g), {})]
+
+    calls = []
+    monkeypatch.setattr(smooth, "certify", lambda image, **k: calls.append(k) or (1, 0.5))
+    settings = dict(n0=7, n=33, alpha=0.02, batch_size=5, generator=g)
+    rows = list(certify_labelled(smooth, [(x, 1), (x, 0)], start_idx=4, **settings))
+    assert [r.idx for r in rows] == [4, 5] and calls == [settings, settings]
+    calls.clear()
+    encoder = StampEncoder(StampEncoderConfig(width=0.25))
+    rows = list(certify_images(encoder, smooth, [torch.rand(3, 16, 16)], **settings))
+    assert [(r.idx, r.label) for r in rows] == [(0, 0), (1, 1)] and calls == [settings, settings]
+
+
+@pytest.mark.parametrize("method, kwargs, name", [
+    (method, kwargs, name) for method in ("certify", "predict", "counts", "predict_sequential")
+    for kwargs, name in [({"n": 0}, "n"), ({"n": 2.0}, "n"), ({"batch_size": 0}, "batch_size"),
+                         ({"batch_size": True}, "batch_size")]] + [("certify", {"n0": 0}, "n0")])
+def test_bad_counts_are_refused_with_their_name(method, kwargs, name):
+    x, stub = linear_case(0.9, 0.5)
+    with pytest.raises(ValueError, match=rf"^Smooth: {name} must be an integer ≥ 1, got "):
+        getattr(Smooth(stub, 0.5), method)(x, **kwargs)
+
+
+def test_a_bound_of_exactly_one_half_certifies_the_class_at_radius_zero(monkeypatch):
+    """Cohen's CERTIFY abstains only when pA < ½; at pA = ½ it answers the class with radius σ·Φ⁻¹(½) = 0."""
+    x, stub = linear_case(0.9, 0.5)
+    monkeypatch.setattr("smoothing.core.lower_confidence_bound", lambda k, n, alpha: 0.5)
+    assert Smooth(stub, 0.5).certify(x, n0=10, n=20, generator=torch.Generator().manual_seed(0)) == (1, 0.0)
+
+
+def test_sequential_predict_takes_one_image_or_a_batch():
+    x, stub = linear_case(0.9, 0.5)
+    one = Smooth(stub, 0.5).predict_sequential(x, n=200, generator=torch.Generator().manual_seed(0))
+    batch = Smooth(stub, 0.5).predict_sequential(x[None], n=200, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(one, batch)) and one[0].shape == (1,)
 
 
 # ---------------------------------------------------------------------------------------------- noise view
+def test_the_std_flag_explains_itself():
+    import argparse
+    parser = argparse.ArgumentParser()
+    from smoothing.noise import add_std_flag
+    add_std_flag(parser)
+    assert "std σ of the Gaussian noise" in parser.format_help() and parser.parse_args([]).std == 0.5
+
+
 def test_noise_view_adds_unclamped_gaussian_noise_from_the_global_generator():
     pair = torch.full((4, 3, 32, 32), 0.5)
     torch.manual_seed(0)
@@ -346,6 +479,8 @@ def test_certified_accuracy_table_and_tsv_round_trip(tmp_path):
     acc = certified_accuracy(rows)
     assert list(acc) == list(RADII)
     assert acc[0.0] == 0.5 and acc[0.25] == 0.5 and acc[0.5] == 0.25 and acc[1.0] == 0.0
+    assert certified_accuracy(rows + [CertifyRow(4, 1, 1, 0.5, 1, 1.0)])[0.5] == 0.4  # a radius of r counts at r
+    assert all(math.isnan(v) for v in certified_accuracy([]).values())
     table = format_table(rows)
     assert "| 0.50 | 25.0% | 50.0% | 0.0% |" in table and "| abstained | 25.0% | 50.0% | 0.0% |" in table
     assert write_tsv(iter(rows), tmp_path / "x.tsv") == rows

@@ -201,3 +201,32 @@ def test_a_resumed_run_continues_the_checkpoints_random_stream(tmp_path, photo_f
     _run(tmp_path, "--max_step", "3", *flags)
     assert torch.equal(states[3], saved)
     assert not torch.equal(states[2], saved)  # a fresh start is elsewhere in the stream
+
+
+def test_the_plain_view_weighs_one_and_perceptual_loss_is_lpips_on_0_1_images():
+    pair = torch.rand(4, 3, 8, 8)
+    (view,) = training.plain_view()(pair, 0)
+    assert view.name == "plain" and view.weight == 1.0 and view.images is pair
+    seen = []
+
+    def fake_lpips(a, b, normalize=False):  # LPIPS maps [0,1] to its [-1,1] itself only when told to
+        seen.append(normalize)
+        return (a - b).abs().mean((1, 2, 3))
+
+    from engine.losses import perceptual_loss
+    assert perceptual_loss(fake_lpips, pair, torch.zeros_like(pair)).item() == pytest.approx(pair.mean().item())
+    assert seen == [True]
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_the_encoder_and_every_scanner_view_run_under_the_amp_setting(amp, monkeypatch):
+    """Autocast is a no-op on CPU, so the wiring is checked by recording what _Pair asks for."""
+    import contextlib
+    asked = []
+    monkeypatch.setattr(training, "autocast", lambda device, enabled=True: asked.append((device, enabled))
+                        or contextlib.nullcontext())
+    encoder, scanner = torch.nn.Conv2d(3, 3, 1), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    views = training.combine_views(training.plain_view(), training.plain_view(0.5))
+    pair = training._Pair(encoder, scanner, views, torch.device("cpu"), amp=amp)
+    residual, stamped, outputs = pair(torch.rand(2, 3, 4, 4), 0)
+    assert asked == [(torch.device("cpu"), amp)] * 3 and [v.weight for v, _ in outputs] == [1.0, 0.5]
