@@ -50,7 +50,7 @@ def yuv_mse(stamped: torch.Tensor, original: torch.Tensor, weights=YUV_WEIGHTS) 
     return (per_channel * constant(tuple(map(float, weights)), per_channel.device, per_channel.dtype)).sum()
 
 
-def residual_regularisation(stamped, original, residual, l1_weight: float = 1.0,
+def residual_regularisation(stamped, original, residual, l1_weight: float,
                             yuv_weights=YUV_WEIGHTS) -> torch.Tensor:
     """L_rr: YUV-weighted MSE between x' and x (weights (Y, U, V)) plus l1_weight · mean |δ|."""
     return yuv_mse(stamped, original, yuv_weights) + l1_weight * residual.abs().mean()

@@ -370,7 +370,9 @@ def test_the_std_flag_explains_itself():
     parser = argparse.ArgumentParser()
     from smoothing.noise import add_std_flag
     add_std_flag(parser)
-    assert "std σ of the Gaussian noise" in parser.format_help() and parser.parse_args([]).std == 0.5
+    (std,) = [a for a in parser._actions if a.dest == "std"]
+    assert std.help.startswith("std σ of the Gaussian noise added to the scanner's input, in [0,1] pixel units")
+    assert std.help.endswith("certify with the same sigma") and parser.parse_args([]).std == 0.5
 
 
 def test_noise_view_adds_unclamped_gaussian_noise_from_the_global_generator():

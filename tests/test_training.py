@@ -181,6 +181,27 @@ def test_a_step_labels_clean_0_and_stamped_1_and_weighs_its_losses_as_the_recipe
     l_rr = yuv[0] + 50 * yuv[1] + 100 * yuv[2] + 0.1 * residual.abs().mean()
     assert terms["loss/L_rr"].item() == pytest.approx(l_rr.item(), rel=1e-4)
     assert terms["loss/L_ps"].item() == pytest.approx(_FakeLPIPS()(stamped, x).mean().item(), rel=1e-5)
+    psnr = -10 * torch.log10((stamped - x).pow(2).mean())
+    assert terms["train/psnr"].item() == pytest.approx(psnr.item(), rel=1e-5) and 20 < psnr < 80
+
+
+def test_with_lr_decay_by_epoch_the_rate_decays_after_the_last_step_of_each_epoch(monkeypatch):
+    trainer, args = _trainer(monkeypatch, "--lr_decay_unit", "epoch", "--lr_decay", "0.5", "--lr_decay_steps", "1")
+    trainer = Trainer(args, trainer.views, torch.device("cpu"), log=lambda *a: None, steps_per_epoch=3)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    rates = []
+    for step in range(7):
+        trainer.step(x, step)
+        rates.append(trainer.optimizer.param_groups[0]["lr"] / args.lr)
+    assert rates == [1, 1, 0.5, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_pair_labels_are_made_on_the_device_asked_for():
+    from engine.losses import pair_labels, yuv_mse
+    labels = pair_labels(3, torch.device("meta"))
+    assert labels.device.type == "meta" and labels.dtype == torch.int64 and pair_labels(3, "cpu").tolist() == [0, 0, 0, 1, 1, 1]
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    assert yuv_mse(x, x * 0.5).dtype == torch.float64
 
 
 def test_a_resumed_run_continues_the_checkpoints_random_stream(tmp_path, photo_folder, monkeypatch):
@@ -230,3 +251,17 @@ def test_the_encoder_and_every_scanner_view_run_under_the_amp_setting(amp, monke
     pair = training._Pair(encoder, scanner, views, torch.device("cpu"), amp=amp)
     residual, stamped, outputs = pair(torch.rand(2, 3, 4, 4), 0)
     assert asked == [(torch.device("cpu"), amp)] * 3 and [v.weight for v, _ in outputs] == [1.0, 0.5]
+
+
+def test_the_colour_transforms_keep_the_images_dtype_and_run_on_any_device():
+    """kornia's own result in float64 on CPU (einsum); the 1×1-convolution path that other devices take checked on
+    the meta device (shapes and dtypes only: it holds no values)."""
+    import kornia
+    from engine.losses import rgb_to_yuv, yuv_to_rgb
+    x = torch.rand(2, 3, 5, 7, dtype=torch.float64)
+    assert torch.allclose(rgb_to_yuv(x), kornia.color.rgb_to_yuv(x), atol=1e-12) and rgb_to_yuv(x).dtype == x.dtype
+    assert torch.allclose(yuv_to_rgb(rgb_to_yuv(x)), x, atol=1e-12)
+    meta = torch.empty(2, 3, 5, 7, device="meta", dtype=torch.float16)
+    for fn in (rgb_to_yuv, yuv_to_rgb):
+        out = fn(meta)
+        assert out.device.type == "meta" and out.shape == meta.shape and out.dtype == torch.float16
