@@ -66,11 +66,12 @@ def stamp(encoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (x + residual.float()).clamp(0, 1)
 
 
-def certify_labelled(smooth: Smooth, items: Iterable[tuple[torch.Tensor, int]], *, n0: int = 100,
-                     n: int = 100_000, alpha: float = 0.001, batch_size: int = 400,
-                     generator: torch.Generator | None = None, start_idx: int = 0) -> Iterator[CertifyRow]:
+def certify_labelled(smooth: Smooth, items: Iterable[tuple[torch.Tensor, int]], *, n0: int, n: int, alpha: float,
+                     batch_size: int, generator: torch.Generator | None = None,
+                     start_idx: int = 0) -> Iterator[CertifyRow]:
     """Certify (image (3,H,W) in [0,1], true label) pairs one by one; yields a CertifyRow per pair, lazily,
-    so a caller can write and show each result as soon as it exists."""
+    so a caller can write and show each result as soon as it exists. The settings are Smooth.certify's (the
+    callers' flags hold Cohen's defaults)."""
     for idx, (x, label) in enumerate(items, start=start_idx):
         t0 = time.perf_counter()
         predict, radius = smooth.certify(x, n0=n0, n=n, alpha=alpha, batch_size=batch_size, generator=generator)
@@ -78,9 +79,8 @@ def certify_labelled(smooth: Smooth, items: Iterable[tuple[torch.Tensor, int]], 
         yield CertifyRow(idx, int(label), int(predict), float(radius), int(predict == label), elapsed)
 
 
-def certify_images(encoder: torch.nn.Module, smooth: Smooth, images: Iterable[torch.Tensor], *, n0: int = 100,
-                   n: int = 100_000, alpha: float = 0.001, batch_size: int = 400,
-                   generator: torch.Generator | None = None) -> Iterator[CertifyRow]:
+def certify_images(encoder: torch.nn.Module, smooth: Smooth, images: Iterable[torch.Tensor], *, n0: int, n: int,
+                   alpha: float, batch_size: int, generator: torch.Generator | None = None) -> Iterator[CertifyRow]:
     """Certify each photo clean (label 0) and stamped with `encoder` (label 1): rows 2i and 2i+1 for photo i.
 
     images: (3,H,W) tensors in [0,1]; each is moved to the encoder's device and stamped there.

@@ -116,6 +116,7 @@ def test_common_size_centre_crops_every_batch_to_the_smallest_height_and_width()
 def test_mean_std_over_photos():
     assert mean_std(torch.tensor([1.0, 2.0, 4.0])) == {"mean": pytest.approx(7 / 3),
                                                        "std": pytest.approx(math.sqrt(7 / 3)), "n": 3}  # Bessel
+    assert mean_std(torch.tensor([1.0, 3.0]))["std"] == pytest.approx(math.sqrt(2))
     one, empty, missing = mean_std(torch.tensor([5.0])), mean_std(torch.empty(0)), mean_std(None)
     assert one["mean"] == 5.0 and math.isnan(one["std"]) and one["n"] == 1
     for row in (empty, missing):

@@ -297,6 +297,7 @@ def test_operating_point_edges():
     exact = fpr_upper_bound(0, 299)
     assert operating_point(clean, stamped, exact)["backed"]
     assert not operating_point(clean, stamped, math.nextafter(exact, 0))["backed"]
+    assert operating_point(clean, stamped, fpr_upper_bound(2, 299))["fpr"] == 2 / 299  # a bound at the target
     empty = operating_point(torch.empty(0), stamped, 0.01)
     assert empty["threshold"] == math.inf and math.isnan(empty["fpr"]) and not empty["backed"]
     assert empty["tpr"] == 0.0 and empty["fpr_upper_bound"] == 1.0

@@ -238,11 +238,9 @@ def test_bad_sigma_and_image_are_refused():
 
 def test_paper_defaults():
     """Cohen's defaults (n0 100, n 100,000, alpha 0.001, batches of 400) in every entry point that takes them."""
-    from smoothing.certify import certify_images, certify_labelled
     from smoothing.core import threshold_radius
     cohen = {"n0": 100, "n": 100_000, "alpha": 0.001, "batch_size": 400}
-    for fn in (Smooth.certify, Smooth.predict, Smooth.counts, Smooth.decide, certify_labelled, certify_images,
-               threshold_radius):
+    for fn in (Smooth.certify, Smooth.predict, Smooth.counts, Smooth.decide, threshold_radius):
         defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()
                     if k in cohen and p.default is not p.empty}
         assert defaults == {k: cohen[k] for k in defaults} and defaults, fn.__qualname__
@@ -275,8 +273,10 @@ def test_called_with_no_settings_each_draws_cohens_numbers_of_copies_in_batches_
     assert tally.seen == copies and tally.max_batch == min(400, copies)
     if isinstance(result, tuple) and len(result) == 3:
         assert result[0].tolist() == [1] and result[2].tolist() == [32]
-        coin = Smooth(CoinStub(seed=0), 0.25).predict_sequential(torch.zeros(SHAPE))  # undecided: all 1,000 copies
-        assert coin[0].tolist() == [ABSTAIN] and coin[2].tolist() == [1000]
+        stub, batches = CoinStub(seed=0), []
+        stub.register_forward_hook(lambda module, inputs, output: batches.append(len(inputs[0])))
+        coin = Smooth(stub, 0.25).predict_sequential(torch.zeros(SHAPE))  # undecided: all 1,000 copies
+        assert coin[0].tolist() == [ABSTAIN] and coin[2].tolist() == [1000] and max(batches) == 400
 
 
 def test_sequential_predict_passes_its_settings_on(monkeypatch):
@@ -334,6 +334,7 @@ def test_predict_counts_certify_and_the_cli_helpers_pass_every_setting_on(monkey
     settings = dict(n0=7, n=33, alpha=0.02, batch_size=5, generator=g)
     rows = list(certify_labelled(smooth, [(x, 1), (x, 0)], start_idx=4, **settings))
     assert [r.idx for r in rows] == [4, 5] and calls == [settings, settings]
+    assert all(0 <= r.time < 60 for r in rows)  # seconds spent on each
     calls.clear()
     encoder = StampEncoder(StampEncoderConfig(width=0.25))
     rows = list(certify_images(encoder, smooth, [torch.rand(3, 16, 16)], **settings))
