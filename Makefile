@@ -29,7 +29,7 @@ test: $(VENV)/.installed-dev
 clean-demo:
 	rm -rf results/$(DEMO_NAME)
 
-# Mutation testing (not in CI: about an hour on two CPU cores; see docs/testing.md). mutmut changes one thing at a
+# Mutation testing (not in CI: about 7 minutes on two CPU cores; see docs/testing.md). mutmut changes one thing at a
 # time in the code where a silent change costs most (the statistics, the detection tables, the losses, the
 # training step, the recipes) and runs the tests that reach it; scripts/mutation_report.py counts what survived.
 MUTANTS ?= "smoothing.core.*" "smoothing.sequential.*" "smoothing.noise.*" "smoothing.certify.x_certif*" \

@@ -1,6 +1,7 @@
 """Table 1's detection pass, exactly: every condition is applied to the photos the judge sees (with its documented
 seed), clean and stamped alike, and each row's figures are what its verdicts say. Stubs only: CPU, milliseconds."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -117,7 +118,10 @@ def test_mean_std_over_photos():
     assert mean_std(torch.tensor([1.0, 2.0, 4.0])) == {"mean": pytest.approx(7 / 3),
                                                        "std": pytest.approx(math.sqrt(7 / 3)), "n": 3}  # Bessel
     assert mean_std(torch.tensor([1.0, 3.0]))["std"] == pytest.approx(math.sqrt(2))
-    one, empty, missing = mean_std(torch.tensor([5.0])), mean_std(torch.empty(0)), mean_std(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one photo: no std, and none of torch's degrees-of-freedom warnings either
+        one = mean_std(torch.tensor([5.0]))
+    empty, missing = mean_std(torch.empty(0)), mean_std(None)
     assert one["mean"] == 5.0 and math.isnan(one["std"]) and one["n"] == 1
     for row in (empty, missing):
         assert set(row) == {"mean", "std", "n"} and math.isnan(row["mean"]) and math.isnan(row["std"]) and row["n"] == 0
