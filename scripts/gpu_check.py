@@ -3,16 +3,16 @@
     bash scripts/gpu_check.sh            # on a GPU: about 8 minutes, plus the step profile (estimated 2-3)
     python scripts/gpu_check.py --tiny   # the same entries at tiny sizes on CPU (tests/test_gpu_check.py)
 
-Entries, in order: each training script with --recipe original (the original encoder and detector, 400×400,
-batch 64) for --steps steps with AMP off and on; train.py under torchrun with one process; evaluate.py --quick on
-the first run; bench.py --quick; then the step profile: the training step of each script with each recipe (its
-own networks, batch, AMP and padding; train_rs_aug.py with every corruption at full strength), with channels_last
-on and off. Each entry prints one line: its wall time, training images/s (from the run's summary.json, or timed
-over --profile_steps steps) and peak GPU memory; a profile line adds the host-device synchronisations per step,
-as CUDA reports them (torch.cuda.set_sync_debug_mode) and as engine.hostsync counts them (with the code lines
-that cause them, printed below). The profile ends with channels_last off against on per script and recipe: the
-measurement that decides the CUDA default (engine.device.use_channels_last). A failing entry prints its error and
-the check goes on, exiting 1 at the end. --only TEXT runs the entries whose label contains TEXT.
+Entries, in order: each training script with --recipe original (the original encoder and detector, 400×400, batch
+64) for --steps steps with AMP off and on; train.py under torchrun with one process; evaluate.py --quick on the
+first run; the losses on the device against CPU; bench.py --quick; then the step profile: the training step of each
+script with each recipe (its own networks, batch, AMP and padding; train_rs_aug.py with every corruption at full
+strength), with channels_last on and off. Each entry prints one line: its wall time, training images/s (from the
+run's summary.json, or timed over --profile_steps steps) and peak GPU memory; a profile line adds the host-device
+synchronisations per step, as CUDA reports them (torch.cuda.set_sync_debug_mode) and as engine.hostsync counts them
+(with the code lines that cause them, printed below). The profile ends with channels_last off against on per script
+and recipe: the measurement that decides the CUDA default (engine.device.use_channels_last). A failing entry prints
+its error and the check goes on, exiting 1 at the end. --only TEXT runs the entries whose label contains TEXT.
 
 With --tiny the networks are replaced by tiny fully convolutional ones at 32 px (everything else is the same
 code path; the synchronisations are engine.hostsync's CPU simulation) and bench.py is left out
@@ -121,6 +121,28 @@ def main(argv=None) -> int:
                        *(["--size", "32"] if args.tiny else [])])
 
     entry("evaluate.py --quick", evaluate_quick)
+
+    def losses_on_device():
+        """The loss pieces made on the device (colour matrices, YUV weights, labels) give CPU's numbers: on CUDA the
+        colour transforms take the 1×1-convolution path, which CPU runs never reach (TF32 convolutions: ~1e-3)."""
+        from engine.device import pick_device
+        from engine.losses import pair_labels, residual_regularisation, rgb_to_yuv, yuv_to_rgb
+        device = pick_device(args.device)
+        x = torch.rand(4, 3, 33, 47, generator=torch.Generator().manual_seed(0))
+        worst = 0.0
+        for fn in (rgb_to_yuv, yuv_to_rgb):
+            here = fn(x.to(device))
+            assert here.device.type == device.type and here.dtype == x.dtype, (fn.__name__, here.device, here.dtype)
+            worst = max(worst, (here.cpu() - fn(x)).abs().max().item())
+        loss = residual_regularisation(0.9 * x.to(device), x.to(device), 0.1 * x.to(device), 0.1)
+        assert loss.device.type == device.type
+        worst = max(worst, abs(loss.item() - residual_regularisation(0.9 * x, x, 0.1 * x, 0.1).item()))
+        labels = pair_labels(4, device)
+        assert labels.device.type == device.type and labels.tolist() == [0] * 4 + [1] * 4
+        assert worst < 5e-3, f"max |device − CPU| {worst}"
+        return f"max |Δ| vs CPU {worst:.1e}"
+
+    entry("losses on the device vs CPU", losses_on_device)
 
     def bench_quick():
         import bench

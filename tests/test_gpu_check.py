@@ -12,7 +12,7 @@ def test_gpu_check_runs_every_entry_at_tiny_sizes(tmp_path):
     summary = proc.stdout.split("== GPU check summary")[-1]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for label in ("train.py --recipe original", "train_rs.py --recipe original", "train_rs_aug.py --recipe original",
-                  "torchrun --nproc_per_node 1 train.py", "evaluate.py --quick"):
+                  "torchrun --nproc_per_node 1 train.py", "evaluate.py --quick", "losses on the device vs CPU"):
         line = next(row for row in summary.splitlines() if row.startswith(label))
         assert " ok " in line, line
     for script in ("train", "train_rs", "train_rs_aug"):  # the step profile: syncs per step, both layouts
@@ -21,7 +21,7 @@ def test_gpu_check_runs_every_entry_at_tiny_sizes(tmp_path):
                 line = next(row for row in summary.splitlines()
                             if row.startswith(f"step profile {script}.py --recipe {recipe} channels_last {layout}"))
                 assert " ok " in line and "syncs/step" in line, line
-    assert "img/s" in summary and "all 17 entries passed" in summary
+    assert "img/s" in summary and "all 18 entries passed" in summary
     layouts = proc.stdout.split("== channels_last: off vs on")[-1].split("== GPU check summary")[0]
     assert len([line for line in layouts.splitlines() if "faster" in line]) == 6
     for run in ("train_amp_off", "train_rs_amp_off", "train_rs_aug_amp_off", "torchrun"):
