@@ -129,12 +129,13 @@ def main(argv=None) -> int:
         from engine.losses import pair_labels, residual_regularisation, rgb_to_yuv, yuv_to_rgb
         device = pick_device(args.device)
         x = torch.rand(4, 3, 33, 47, generator=torch.Generator().manual_seed(0))
+        on_device = x.to(device)
         worst = 0.0
         for fn in (rgb_to_yuv, yuv_to_rgb):
-            here = fn(x.to(device))
+            here = fn(on_device)
             assert here.device.type == device.type and here.dtype == x.dtype, (fn.__name__, here.device, here.dtype)
             worst = max(worst, (here.cpu() - fn(x)).abs().max().item())
-        loss = residual_regularisation(0.9 * x.to(device), x.to(device), 0.1 * x.to(device), 0.1)
+        loss = residual_regularisation(0.9 * on_device, on_device, 0.1 * on_device, 0.1)
         assert loss.device.type == device.type
         worst = max(worst, abs(loss.item() - residual_regularisation(0.9 * x, x, 0.1 * x, 0.1).item()))
         labels = pair_labels(4, device)

@@ -118,9 +118,15 @@ def test_init_from_fine_tunes_from_a_model_at_step_zero(tmp_path, photo_folder, 
 
 # ------------------------------------------------------------------------------------------- one step, exactly
 class _FakeLPIPS(torch.nn.Module):
-    """A stand-in for LPIPS (no AlexNet download in tests): a fixed differentiable distance, > 0 for x' ≠ x."""
+    """A stand-in for LPIPS (no AlexNet download in tests): a fixed differentiable distance, > 0 for x' ≠ x. Records
+    the `normalize` flag of each call (LPIPS maps [0,1] to its [-1,1] itself only when told to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.normalize = []
 
     def forward(self, a, b, normalize=False):
+        self.normalize.append(normalize)
         return (a - b).abs().mean((1, 2, 3))
 
 
@@ -228,15 +234,10 @@ def test_the_plain_view_weighs_one_and_perceptual_loss_is_lpips_on_0_1_images():
     pair = torch.rand(4, 3, 8, 8)
     (view,) = training.plain_view()(pair, 0)
     assert view.name == "plain" and view.weight == 1.0 and view.images is pair
-    seen = []
-
-    def fake_lpips(a, b, normalize=False):  # LPIPS maps [0,1] to its [-1,1] itself only when told to
-        seen.append(normalize)
-        return (a - b).abs().mean((1, 2, 3))
-
+    fake_lpips = _FakeLPIPS()
     from engine.losses import perceptual_loss
     assert perceptual_loss(fake_lpips, pair, torch.zeros_like(pair)).item() == pytest.approx(pair.mean().item())
-    assert seen == [True]
+    assert fake_lpips.normalize == [True]
 
 
 @pytest.mark.parametrize("amp", [True, False])
