@@ -170,7 +170,8 @@ def build_parser(description: str, script: str) -> argparse.ArgumentParser:
           help="padding of both networks' convolutions: zero padding lets them find the image border, where an "
                "encoder trained on small crops hides the stamp in a stripe; replicate keeps them blind to it")
     m.add("--max_residual", type=non_negative_float,
-          help="bound on the residual per pixel, in [0,1] units (δ = max_residual·tanh); 0 = unbounded")
+          help="bound on the residual per pixel, in [0,1] units (δ = max_residual·tanh(u/max_residual)); "
+               "0 = unbounded")
     m.add("--clamp_stamp", type=on_off,
           help="on: the losses and the scanner see the stamped image clamped to [0,1], as a saved image is; off: "
                "x + δ unclamped (the augmented view is clamped either way)")
@@ -193,8 +194,9 @@ def build_parser(description: str, script: str) -> argparse.ArgumentParser:
     o.add("--lr_decay_unit", choices=("step", "epoch"),
           help="the learning rate decays smoothly every step, or once per epoch (one pass over the training split)")
     o.add("--img_w", type=non_negative_float,
-          help="weight of L_rr, the residual regularisation (YUV-weighted MSE + l1_w·mean|δ|)")
-    o.add("--l1_w", type=non_negative_float, help="weight of mean|δ| inside L_rr")
+          help="weight of L_rr, the residual regularisation (YUV-weighted MSE + l1_w·mean|u|)")
+    o.add("--l1_w", type=non_negative_float,
+          help="weight of mean|u| inside L_rr, u the residual before its tanh bound (δ itself with --max_residual 0)")
     o.add("--y_scale", type=non_negative_float, help="weight of the luma (Y) MSE in L_rr")
     o.add("--u_scale", type=non_negative_float, help="weight of the chroma U MSE in L_rr")
     o.add("--v_scale", type=non_negative_float, help="weight of the chroma V MSE in L_rr")

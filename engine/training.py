@@ -76,10 +76,11 @@ def image_loss_ramp(step: int, warmup_steps: int, ramp_steps: int, slope: float 
 class _Pair(nn.Module):
     """Encoder and scanner behind one forward, so that DDP wraps a single module called once per step.
 
-    forward(x (B,3,H,W) in [0,1], step) → (residual (B,3,H,W) fp32, stamped (B,3,H,W) fp32, [(View, logits
-    (2B,C) fp32)]): the encoder and the scanner run under autocast on CUDA when `amp`; the residual is cast to
-    fp32 before stamping, as it is far below bf16's resolution near 1.0. The stamped image is x + δ, clamped to
-    [0,1] when `clamp_stamp` (what an image file can hold), unclamped otherwise (the original).
+    forward(x (B,3,H,W) in [0,1], step) → (unbounded residual u (B,3,H,W) fp32, stamped (B,3,H,W) fp32, [(View,
+    logits (2B,C) fp32)]): the encoder and the scanner run under autocast on CUDA when `amp`; u is cast to fp32
+    and bounded there (δ = encoder.bound(u)), as δ is far below bf16's resolution near 1.0. The stamped image is
+    x + δ, clamped to [0,1] when `clamp_stamp` (what an image file can hold), unclamped otherwise (the original).
+    u, not δ, is what the L1 term regularises (see engine.losses.residual_regularisation).
     """
 
     def __init__(self, encoder: StampEncoder, scanner: Scanner, views: ViewFn, device: torch.device,
@@ -90,16 +91,16 @@ class _Pair(nn.Module):
 
     def forward(self, x: torch.Tensor, step: int):
         with autocast(self.device, self.amp):
-            residual = self.encoder(x)
-        residual = residual.float()
-        stamped = x + residual
+            unbounded = self.encoder(x, bounded=False)
+        unbounded = unbounded.float()
+        stamped = x + self.encoder.bound(unbounded)
         if self.clamp_stamp:
             stamped = stamped.clamp(0, 1)
         outputs = []
         for view in self.views(torch.cat([x, stamped]), step):
             with autocast(self.device, self.amp):
                 outputs.append((view, self.scanner(view.images).float()))
-        return residual, stamped, outputs
+        return unbounded, stamped, outputs
 
 
 class Trainer:
@@ -235,7 +236,7 @@ class Trainer:
         self._train_mode(step)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        residual, stamped, outputs = self.model(x, step)
+        unbounded, stamped, outputs = self.model(x, step)
         labels = pair_labels(x.shape[0], self.device)
         terms = {}
         loss_a = 0.0  # Σ over views of weight · CE: the original's rs_w·CE (+ w_aug·CE_aug in train_rs_aug.py)
@@ -244,7 +245,7 @@ class Trainer:
             loss_a = loss_a + view.weight * ce
             terms[f"L_A/{view.name}"] = ce.detach()
             terms[f"acc/{view.name}"] = (logits.detach().argmax(1) == labels).float().mean()
-        loss_rr = residual_regularisation(stamped, x, residual, args.l1_w, self.yuv_weights)
+        loss_rr = residual_regularisation(stamped, x, unbounded, args.l1_w, self.yuv_weights)
         loss_ps = (perceptual_loss(self.lpips, stamped, x) if self.lpips is not None
                    else torch.zeros((), device=self.device))
         weight = image_loss_ramp(step, args.warmup_steps, args.ramp_steps, self.ramp_slope)

@@ -27,7 +27,8 @@ class StampEncoderConfig:
     arch: 'unet' (a fully convolutional StegaStamp-shaped U-Net, any input size) or 'stegastamp' (the original
         DeepRAFT encoder, models.original.StegaStampUNet, 400×400 inputs only; `width` does not apply).
     width: multiplier on STEGASTAMP_CHANNELS (1.0 = StegaStamp's 32-32-64-128-256).
-    max_residual: bound on |δ| per pixel and channel, in [0,1] pixel units (δ = max_residual·tanh(·)); 0 leaves
+    max_residual: bound on |δ| per pixel and channel, in [0,1] pixel units (δ = max_residual·tanh(u/max_residual)
+        of the unbounded residual u, which the L1 term of L_rr regularises); 0 leaves
         the residual unbounded, as the original does. Unbounded residuals blow up while the scanner is still
         learning on small crops; the image losses then pull δ far below this bound.
     padding_mode: 'replicate' (default) or 'zeros'. Zero padding tells every layer where the image border
@@ -87,24 +88,31 @@ class StampEncoder(nn.Module):
         # scanner has nothing to learn from and the encoder no direction to grow in; training stalls.
         self.to_residual = nn.Conv2d(c1, 3, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bounded: bool = True) -> torch.Tensor:
+        """x (B,3,H,W) in [0,1] → δ (B,3,H,W); with bounded=False the residual before its bound (see `bound`)."""
         if self.config.arch == "stegastamp":
-            return self._bound(self.net(x))
-        h = x - 0.5
-        feats = []
-        for conv in self.down:
-            h = conv(h)
-            feats.append(h)
-        # As in StegaStamp, the input itself joins the last skip connection.
-        skips = [feats[3], feats[2], feats[1], torch.cat([feats[0], x - 0.5], 1)]
-        for up_conv, merge_conv, skip in zip(self.up_convs, self.merge_convs, skips):
-            h = up_conv(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
-            h = merge_conv(torch.cat([skip, h], 1))
-        return self._bound(self.to_residual(h))
-
-    def _bound(self, r: torch.Tensor) -> torch.Tensor:
+            r = self.net(x)
+        else:
+            h = x - 0.5
+            feats = []
+            for conv in self.down:
+                h = conv(h)
+                feats.append(h)
+            # As in StegaStamp, the input itself joins the last skip connection.
+            skips = [feats[3], feats[2], feats[1], torch.cat([feats[0], x - 0.5], 1)]
+            for up_conv, merge_conv, skip in zip(self.up_convs, self.merge_convs, skips):
+                h = up_conv(F.interpolate(h, size=skip.shape[-2:], mode="nearest"))
+                h = merge_conv(torch.cat([skip, h], 1))
+            r = self.to_residual(h)
         m = self.config.max_residual
-        return m * torch.tanh(r) if m > 0 else r
+        unbounded = m * r if m > 0 else r
+        return self.bound(unbounded) if bounded else unbounded
+
+    def bound(self, unbounded: torch.Tensor) -> torch.Tensor:
+        """δ = max_residual·tanh(u / max_residual) of the unbounded residual u (pixel units): u itself where
+        |u| ≪ max_residual, never beyond ±max_residual; u unchanged when max_residual is 0."""
+        m = self.config.max_residual
+        return m * torch.tanh(unbounded / m) if m > 0 else unbounded
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         """x (B,3,H,W) in [0,1] → stamped x' = clamp(x + δ, 0, 1): what an image file can hold."""

@@ -6,6 +6,7 @@ import torch
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.evaluation import amplify, border_energy_ratio, evaluate
+from models import StampEncoder, StampEncoderConfig
 from engine.losses import load_lpips, pair_labels, residual_regularisation, yuv_mse
 from engine.training import image_loss_ramp
 
@@ -25,6 +26,17 @@ def test_residual_regularisation_adds_l1_of_the_residual():
     residual = torch.full_like(x, 0.02)
     base = residual_regularisation(x + residual, x, residual, l1_weight=0.0).item()
     assert residual_regularisation(x + residual, x, residual, l1_weight=1.0).item() == pytest.approx(base + 0.02, rel=1e-4)
+
+
+def test_the_l1_term_acts_on_the_unbounded_residual_where_the_bound_has_no_gradient():
+    """δ = m·tanh(u/m) saturated at −m: the MSE part's gradient through tanh has vanished, the L1 part's has not
+    (l1_weight/N per element, pointing u back towards 0)."""
+    encoder = StampEncoder(StampEncoderConfig(width=0.125, max_residual=0.05))
+    x = torch.rand(1, 3, 4, 4) * 0.5 + 0.25
+    u = torch.full_like(x, -1.0, requires_grad=True)
+    residual_regularisation(x + encoder.bound(u), x, u, l1_weight=0.1).backward()
+    assert torch.allclose(u.grad, torch.full_like(u, -0.1 / u.numel()), rtol=1e-4)
+    assert torch.allclose(encoder.bound(u), torch.full_like(u, -0.05))
 
 
 def test_image_loss_ramp_is_off_in_warmup_then_linear():

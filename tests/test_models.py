@@ -34,6 +34,20 @@ def test_encoder_shape_bound_and_gradients_on_odd_sizes(size):
     assert x.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("max_residual", [0.05, 0.0])
+def test_the_bound_of_the_unbounded_residual_is_the_residual(max_residual):
+    """forward = bound(forward(bounded=False)); the bound is m·tanh(u/m) (u itself when m is 0)."""
+    encoder = StampEncoder(StampEncoderConfig(width=0.25, max_residual=max_residual))
+    _randomise_output_layer(encoder)
+    torch.nn.init.constant_(encoder.to_residual.bias, 3.0)  # past the bound: tanh(3) = 0.995
+    x = torch.rand(2, 3, 16, 16)
+    u = encoder(x, bounded=False)
+    assert torch.equal(encoder(x), encoder.bound(u))
+    m = max_residual
+    assert torch.allclose(encoder.bound(u), m * torch.tanh(u / m) if m else u, atol=1e-7)
+    assert u.abs().max() > 2 * max(m, 0.01)  # the unbounded residual does go past the bound here
+
+
 @pytest.mark.parametrize("arch", ["narrow", "resnet18", "fast"])
 @pytest.mark.parametrize("size", [(67, 93), (1, 1), (33, 17), (150, 113)])
 def test_scanner_two_logits_on_any_size_with_gradients(arch, size):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import train
 from engine import training
 from engine.training import Trainer
-from models import ScannerConfig, StampEncoderConfig, load_pretrained
+from models import ScannerConfig, StampEncoder, StampEncoderConfig, load_pretrained
 from conftest import TINY_TRAIN_FLAGS as TINY
 
 
@@ -167,15 +167,16 @@ def _yuv(x):
 def test_a_step_labels_clean_0_and_stamped_1_and_weighs_its_losses_as_the_recipe_says(monkeypatch):
     """Recomputed here on copies of the networks: L_A is rs_w times the cross-entropy of the scanner on [x, x']
     with labels [0]·B + [1]·B (CLEAN = 0, STAMPED = 1), and its accuracy likewise; the robust recipe's L_rr is
-    the YUV MSE weighted (Y, U, V) = (1, --u_scale 50, 100) plus 0.1·mean|δ|. Flipped labels, the pair stacked as
+    the YUV MSE weighted (Y, U, V) = (1, --u_scale 50, 100) plus 0.1·mean|u| (u: the residual before its bound).
+    Flipped labels, the pair stacked as
     [x', x], or another weight give other numbers."""
     trainer, _ = _trainer(monkeypatch, "--rs_w", "2", "--u_scale", "50")
     encoder, scanner = copy.deepcopy(trainer.encoder).train(), copy.deepcopy(trainer.scanner).train()
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     terms = trainer.step(x, 0)
     with torch.no_grad():
-        residual = encoder(x)
-        stamped = (x + residual).clamp(0, 1)
+        unbounded = encoder(x, bounded=False)
+        stamped = (x + encoder(x)).clamp(0, 1)
         logits = scanner(torch.cat([x, stamped]))
     labels = torch.tensor([0, 0, 0, 1, 1, 1])
     ce = F.cross_entropy(logits, labels)
@@ -184,7 +185,7 @@ def test_a_step_labels_clean_0_and_stamped_1_and_weighs_its_losses_as_the_recipe
     assert terms["acc/plain"].item() == (logits.argmax(1) == labels).float().mean().item()
     assert terms["loss/L_A"].item() == pytest.approx(2 * ce.item(), rel=1e-5)
     yuv = (_yuv(stamped) - _yuv(x)).pow(2).mean((0, 2, 3))
-    l_rr = yuv[0] + 50 * yuv[1] + 100 * yuv[2] + 0.1 * residual.abs().mean()
+    l_rr = yuv[0] + 50 * yuv[1] + 100 * yuv[2] + 0.1 * unbounded.abs().mean()
     assert terms["loss/L_rr"].item() == pytest.approx(l_rr.item(), rel=1e-4)
     assert terms["loss/L_ps"].item() == pytest.approx(_FakeLPIPS()(stamped, x).mean().item(), rel=1e-5)
     psnr = -10 * torch.log10((stamped - x).pow(2).mean())
@@ -247,10 +248,11 @@ def test_the_encoder_and_every_scanner_view_run_under_the_amp_setting(amp, monke
     asked = []
     monkeypatch.setattr(training, "autocast", lambda device, enabled=True: asked.append((device, enabled))
                         or contextlib.nullcontext())
-    encoder, scanner = torch.nn.Conv2d(3, 3, 1), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    encoder = StampEncoder(StampEncoderConfig(width=0.125))
+    scanner = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(2))
     views = training.combine_views(training.plain_view(), training.plain_view(0.5))
     pair = training._Pair(encoder, scanner, views, torch.device("cpu"), amp=amp)
-    residual, stamped, outputs = pair(torch.rand(2, 3, 4, 4), 0)
+    _, _, outputs = pair(torch.rand(2, 3, 4, 4), 0)
     assert asked == [(torch.device("cpu"), amp)] * 3 and [v.weight for v, _ in outputs] == [1.0, 0.5]
 
 
@@ -266,3 +268,24 @@ def test_the_colour_transforms_keep_the_images_dtype_and_run_on_any_device():
     for fn in (rgb_to_yuv, yuv_to_rgb):
         out = fn(meta)
         assert out.device.type == "meta" and out.shape == meta.shape and out.dtype == torch.float16
+
+
+def test_a_saturated_encoder_is_pulled_back_by_the_l1_term(monkeypatch):
+    """An encoder pushed deep into its bound's flat tails (δ = −max_residual on every pixel: a uniform darkening,
+    the state a collapsed run ends in) gets no gradient through tanh; the L1 term on the unbounded residual u
+    still pulls u back towards 0. Only L_rr acts here (no scanner loss, no LPIPS), so every step must raise the
+    output bias. With the L1 term on δ the bias would not move at all."""
+    trainer, args = _trainer(monkeypatch, "--rs_w", "0", "--lps_w", "0", "--lr", "1e-2", "--ramp_steps", "0")
+    with torch.no_grad():
+        trainer.encoder.to_residual.bias.fill_(-20.0)  # u = −20·max_residual: tanh′ ≈ 1e-17
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    seen = []
+    monkeypatch.setattr(training, "residual_regularisation", lambda stamped, original, u, *a: seen.append(u.detach())
+                        or real(stamped, original, u, *a))
+    real = __import__("engine.losses", fromlist=["residual_regularisation"]).residual_regularisation
+    biases = [trainer.encoder.to_residual.bias.detach().clone()]
+    for step in range(3):
+        trainer.step(x, step)
+        biases.append(trainer.encoder.to_residual.bias.detach().clone())
+    assert seen[0].max() < -10 * args.max_residual  # the L1 term is given u, not δ (which is ≥ −max_residual)
+    assert all((after > before + 1e-3).all() for before, after in zip(biases, biases[1:]))
