@@ -154,6 +154,11 @@ def build_parser(description: str, script: str) -> argparse.ArgumentParser:
     data.add_argument("--max_crop_scale", type=positive_float, default=1.0,
                       help="scale jitter of --train_crop random: each crop covers 1 to this many times "
                            "--image_size pixels per side of the photo, resized to --image_size (1 = native only)")
+    data.add_argument("--photo_shift", type=non_negative_float, default=0.0,
+                      help="shift each colour channel of every training photo by a random amount up to ± this "
+                           "(kornia's RandomRGBShift, per photo) before it is stamped, so that a colour cast tells "
+                           "the scanner nothing: on mostly grey photos (the demo's) the encoder otherwise settles "
+                           "on a faint cast as its stamp, which colourful photos hide (0 = off, as the original)")
     d.add("--batch_size", type=positive_int,
           help="images per step; the scanner sees 2x this (clean and stamped) per view")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import kornia.augmentation as K
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -161,6 +162,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and amp_dtype(self.device) == torch.float16)
         self.lpips = load_lpips(self.device, log) if args.lps_w > 0 else None
         self.yuv_weights = (args.y_scale, args.u_scale, args.v_scale)
+        self.photo_shift = (K.RandomRGBShift(args.photo_shift, args.photo_shift, args.photo_shift, p=1.0)
+                            if args.photo_shift > 0 else None)
         self.ramp_slope = args.img_w if args.ramp_scaled_by_img_w else 1.0
         self.bn_freeze_step = (args.warmup_steps + args.ramp_steps if args.bn_freeze_step is None
                                else args.bn_freeze_step)
@@ -234,6 +237,8 @@ class Trainer:
         """
         args = self.args
         self._train_mode(step)
+        if self.photo_shift is not None:
+            x = self.photo_shift(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         unbounded, stamped, outputs = self.model(x, step)

@@ -289,3 +289,23 @@ def test_a_saturated_encoder_is_pulled_back_by_the_l1_term(monkeypatch):
         biases.append(trainer.encoder.to_residual.bias.detach().clone())
     assert seen[0].max() < -10 * args.max_residual  # the L1 term is given u, not δ (which is ≥ −max_residual)
     assert all((after > before + 1e-3).all() for before, after in zip(biases, biases[1:]))
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.1])
+def test_photo_shift_casts_each_training_photo_before_it_is_stamped(monkeypatch, shift):
+    """--photo_shift S: the pair the networks train on starts from x with each colour channel of each photo
+    shifted by one amount in [−S, S] (clamped to [0,1]); 0 leaves x as it is."""
+    trainer, _ = _trainer(monkeypatch, "--photo_shift", str(shift))
+    seen = []
+    forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward", lambda x, step: seen.append(x.clone()) or forward(x, step))
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(4)) * 0.5 + 0.25  # no clamping
+    trainer.step(x, 0)
+    offsets = seen[0] - x
+    if shift == 0:
+        assert torch.equal(seen[0], x)
+        return
+    per_channel = offsets.mean((2, 3), keepdim=True)
+    assert torch.allclose(offsets, per_channel.expand_as(offsets), atol=1e-6)  # one shift per photo and channel
+    assert per_channel.abs().max() <= shift + 1e-6 and per_channel.abs().min() > 0
+    assert per_channel.flatten().unique().numel() == 12  # drawn for each photo and channel
