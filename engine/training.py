@@ -18,8 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-import torch
 import kornia.augmentation as K
+import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
