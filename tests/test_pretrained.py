@@ -85,8 +85,8 @@ def _scan(model, inputs, capsys, *flags):
 
 
 #: How scan.py is asked to judge in the round-trip test: rs_aug by its calibration; baseline by the scanner's argmax
-#: (--threshold 0), because its backed calibration (0 of bsds400's 400 clean photos flagged) sits at a threshold
-#: that catches 23% of stamped photos (its card), which is what test_backed_calibration_* below pins down.
+#: (--threshold 0): its backed calibration (0 of bsds400's 400 clean photos flagged, all 400 stamped caught) sits at
+#: a threshold of −5.39, which one of scikit-image's photos (retina.jpg, a fundus image: −2.73) exceeds clean.
 ROUND_TRIP = [("baseline", ["--threshold", "0"]), ("rs_aug", [])]
 
 
@@ -139,9 +139,9 @@ def test_shipped_model_reports_broken_files_and_goes_on(photos, tmp_path, capsys
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=(
-    "target not reached yet: at its backed calibration the retrained baseline flags no clean photo but catches 9 of "
-    "the 15 stamped photos, 7 after JPEG q75 4:2:0 (at --threshold 0: 14 of 15, also after JPEG, and still no clean "
-    "photo flagged); its card and docs/models.md"))) for name in
+    "target not reached yet: at its backed calibration (threshold −5.39) the retrained baseline catches all 15 "
+    "stamped photos, also after JPEG q75 4:2:0, but flags retina.jpg clean (score −2.73); at --threshold 0 no clean "
+    "photo is flagged but moon.png stamped is missed after JPEG (−2.79); its card and docs/models.md"))) for name in
     RETRAINED])
 def test_shipped_model_on_every_sample_photo_and_after_jpeg_75_420(name, sample_photos, tmp_path, capsys):
     """None of scikit-image's photos read as stamped, every stamped one is caught, also after JPEG q75 4:2:0."""
