@@ -274,15 +274,14 @@ def test_a_saturated_encoder_is_pulled_back_by_the_l1_term(monkeypatch):
     """An encoder pushed deep into its bound's flat tails (δ = −max_residual on every pixel: a uniform darkening,
     the state a collapsed run ends in) gets no gradient through tanh; the L1 term on the unbounded residual u
     still pulls u back towards 0. Only L_rr acts here (no scanner loss, no LPIPS), so every step must raise the
-    output bias. With the L1 term on δ the bias would not move at all."""
+    output bias. With the L1 term on δ it does not (this test fails on that code)."""
     trainer, args = _trainer(monkeypatch, "--rs_w", "0", "--lps_w", "0", "--lr", "1e-2", "--ramp_steps", "0")
     with torch.no_grad():
         trainer.encoder.to_residual.bias.fill_(-20.0)  # u = −20·max_residual: tanh′ ≈ 1e-17
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
-    seen = []
+    seen, real = [], training.residual_regularisation
     monkeypatch.setattr(training, "residual_regularisation", lambda stamped, original, u, *a: seen.append(u.detach())
                         or real(stamped, original, u, *a))
-    real = __import__("engine.losses", fromlist=["residual_regularisation"]).residual_regularisation
     biases = [trainer.encoder.to_residual.bias.detach().clone()]
     for step in range(3):
         trainer.step(x, step)
