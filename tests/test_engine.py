@@ -6,9 +6,10 @@ import torch
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.evaluation import amplify, border_energy_ratio, evaluate
-from models import StampEncoder, StampEncoderConfig
 from engine.losses import load_lpips, pair_labels, residual_regularisation, yuv_mse
-from engine.training import image_loss_ramp
+from engine.recipes import describe, settings
+from engine.training import image_loss_ramp, ramp
+from models import StampEncoder, StampEncoderConfig
 
 
 def test_yuv_mse_weighs_chroma_100_times_luma():
@@ -46,23 +47,21 @@ def test_image_loss_ramp_is_off_in_warmup_then_linear():
     assert image_loss_ramp(150, 100, 50) == 1.0
     assert image_loss_ramp(10_000, 100, 50) == 1.0
     assert image_loss_ramp(0, 0, 0) == 1.0
+    assert image_loss_ramp(10, 0, 40) == pytest.approx(0.25)
 
 
 def test_the_ramp_is_linear_from_start_to_end_and_a_step_when_they_meet():
-    from engine.training import ramp
     assert [ramp(s, 10, 20) for s in (9, 10, 15, 20, 21)] == [0.0, 0.0, 0.5, 1.0, 1.0]
     assert (ramp(4, 5, 5), ramp(5, 5, 5)) == (0.0, 1.0)
 
 
 def test_the_recipes_table_per_script_and_in_the_help():
-    from engine.recipes import describe, settings
     assert describe("lr", "train") == " [original: 5e-05; robust: 0.0001]"
     assert describe("val_every", "train") == " [original: 2000; robust: 1000]"
     assert describe("val_every", "train_rs") == " [original: 1000; robust: 1000]"  # the original's train_rs.py
     assert settings("original", "train_rs_aug")["ramp_steps"] == 0 and settings("original", "train")["ramp_steps"] == 1
     with pytest.raises(ValueError, match=r"^unknown recipe 'fast'; choose one of \['original', 'robust'\]$"):
         settings("fast", "train")
-    assert image_loss_ramp(10, 0, 40) == pytest.approx(0.25)
 
 
 def test_pair_labels_are_clean_then_stamped():
