@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{QUICK['certify_images']} quick; 0 skips certification)")
     s.add_argument("--noise_batch", type=positive_int, default=200, help="noisy copies classified at once")
     s.add_argument("--sequential", choices=("on", "off"), default="on",
-                   help="on: sequential PREDICT, which stops at the first decisive look (32, 128, 512, … copies, up "
+                   help="on: sequential PREDICT, which stops at the first decisive look (16, 64, 256, … copies, up "
                         "to --predict_n) with the same bound alpha on a wrong verdict, and judges the photos of a "
                         "batch in shared forward passes; off: Cohen's fixed-n PREDICT")
 

@@ -242,7 +242,7 @@ class PhotoScanner:
                  if self.args.certify else "")
         judge = self.judge.describe()
         if self.sequential:
-            judge += " (sequential: stops at the first decisive look of 32, 128, 512, … copies)"
+            judge += " (sequential: stops at the first decisive look of 16, 64, 256, … copies)"
         return f"{self.model_dir}: {judge}{extra}; STAMPED when score > {t.value:.4g} ({t.text}); {size}"
 
     def __call__(self, path: Path) -> dict:
@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise samples per image for the smoothed verdict (the most, with --sequential on), and "
                         "CERTIFY's estimation samples")
     s.add_argument("--sequential", choices=("on", "off"), default="on",
-                   help="on: sequential PREDICT: look at the votes after 32, 128, 512, … copies and stop at the first "
+                   help="on: sequential PREDICT: look at the votes after 16, 64, 256, … copies and stop at the first "
                         "decisive look, with the same bound alpha on a wrong verdict (docs/smoothing.md); "
                         "off: always draw --n copies (Cohen's PREDICT)")
     s.add_argument("--alpha", type=significance, default=0.001, help="significance level of verdicts and certificates")

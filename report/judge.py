@@ -51,7 +51,7 @@ class Judge:
     def describe(self) -> str:
         if not self.smoothed:
             return "plain scanner: argmax of the logits"
-        how = "sequential PREDICT (looks at 32, 128, 512, … copies)" if self.sequential else "PREDICT"
+        how = "sequential PREDICT (looks at 16, 64, 256, … copies)" if self.sequential else "PREDICT"
         return f"smoothed scanner: {how} with σ {self.sigma}, n {self.n}, alpha {self.alpha}"
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ def _tolerance(rate: float) -> float:
 
 
 def test_schedule_and_levels():
-    assert looks(1000) == [32, 128, 512, 1000] and looks(32) == [32] and looks(10) == [10]
+    assert looks(1000) == [16, 64, 256, 1000] and looks(16) == [16] and looks(10) == [10]
     levels = look_levels(4, ALPHA)
     assert sum(levels) == pytest.approx(ALPHA) and levels[-1] == ALPHA / 2 and look_levels(1, ALPHA) == [ALPHA]
 
@@ -48,7 +48,7 @@ def test_wrong_decisive_verdicts_are_at_most_alpha(t, delta):
 @pytest.mark.parametrize("p,verdict", [(0.0, 0), (1.0, 1)])
 def test_lopsided_votes_stop_at_the_first_look(p, verdict):
     verdicts, votes, used = sequential_decide(_stub(p, seed=3), 50, N, 0.5, 0.001)
-    assert (verdicts == verdict).all() and (used == 32).all() and (votes == (32 if p else 0)).all()
+    assert (verdicts == verdict).all() and (used == 16).all() and (votes == (16 if p else 0)).all()
 
 
 def test_a_coin_flip_runs_to_n_and_abstains():
@@ -58,7 +58,7 @@ def test_a_coin_flip_runs_to_n_and_abstains():
 
 def test_far_from_the_threshold_stops_early_and_is_right():
     verdicts, _, used = sequential_decide(_stub(0.8, seed=5), 200, N, 0.5, 0.001)
-    assert (verdicts == 1).all() and used.max() <= 128
+    assert (verdicts == 1).all() and used.max() <= 256
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +120,10 @@ def test_defaults_are_predict_at_one_half_and_alpha_0_001_over_the_schedule_aske
 
 def test_a_p_value_equal_to_the_looks_level_is_decisive():
     from smoothing.sequential import two_sided_pvalues
-    level = float(two_sided_pvalues(32, 0.5)[26])  # one look of 32 copies: its level is all of alpha
-    verdicts, _, _ = sequential_decide(lambda a, k: torch.full((len(a),), 26), 1, 32, 0.5, level)
+    level = float(two_sided_pvalues(16, 0.5)[13])  # one look of 16 copies: its level is all of alpha
+    verdicts, _, _ = sequential_decide(lambda a, k: torch.full((len(a),), 13), 1, 16, 0.5, level)
     assert verdicts.tolist() == [1]
-    verdicts, _, _ = sequential_decide(lambda a, k: torch.full((len(a),), 26), 1, 32, 0.5, math.nextafter(level, 0))
+    verdicts, _, _ = sequential_decide(lambda a, k: torch.full((len(a),), 13), 1, 16, 0.5, math.nextafter(level, 0))
     assert verdicts.tolist() == [ABSTAIN]
 
 
@@ -153,7 +153,7 @@ def test_each_look_is_scipys_two_sided_test_at_its_share_of_alpha(t):
 
     verdicts, votes, used = sequential_decide(sample, len(shares), n, t, alpha)
     schedule, levels = looks(n), look_levels(len(looks(n)), alpha)
-    assert schedule == [32, 128, 512, 1000] and levels == [alpha / 6] * 3 + [alpha / 2]
+    assert schedule == [16, 64, 256, 1000] and levels == [alpha / 6] * 3 + [alpha / 2]
     for i, q in enumerate(shares.tolist()):
         total_votes, drawn, expected = 0, 0, (-1, n)
         for total, level in zip(schedule, levels):

@@ -265,14 +265,14 @@ class Tally(nn.Module):
 
 @pytest.mark.parametrize("call, copies", [
     (lambda smooth, x: smooth.certify(x), 100 + 100_000), (lambda smooth, x: smooth.predict(x), 100_000),
-    (lambda smooth, x: smooth.counts(x), 100_000), (lambda smooth, x: smooth.predict_sequential(x), 32)])
+    (lambda smooth, x: smooth.counts(x), 100_000), (lambda smooth, x: smooth.predict_sequential(x), 16)])
 def test_called_with_no_settings_each_draws_cohens_numbers_of_copies_in_batches_of_400(call, copies):
-    """Sequential PREDICT (at most 1,000 copies) stops at its first look: 32 of 32 copies STAMPED."""
+    """Sequential PREDICT (at most 1,000 copies) stops at its first look: 16 of 16 copies STAMPED."""
     tally = Tally()
     result = call(Smooth(tally, 0.25), torch.zeros(SHAPE))
     assert tally.seen == copies and tally.max_batch == min(400, copies)
     if isinstance(result, tuple) and len(result) == 3:
-        assert result[0].tolist() == [1] and result[2].tolist() == [32]
+        assert result[0].tolist() == [1] and result[2].tolist() == [16]
         stub, batches = CoinStub(seed=0), []
         stub.register_forward_hook(lambda module, inputs, output: batches.append(len(inputs[0])))
         coin = Smooth(stub, 0.25).predict_sequential(torch.zeros(SHAPE))  # undecided: all 1,000 copies
