@@ -61,6 +61,7 @@ from models.io import CALIBRATION_NAME
 from report.judge import Judge
 from smoothing import ABSTAIN, Smooth
 from smoothing.core import threshold_radius
+from smoothing.sequential import first_look, looks
 from stamp import (DEFAULT_WORKING_SIZE, expand_inputs, fit_pixels, fit_text, load_model, pixels_to_tensor,
                    read_pixels, report_failures, to_working)
 
@@ -242,7 +243,8 @@ class PhotoScanner:
                  if self.args.certify else "")
         judge = self.judge.describe()
         if self.sequential:
-            judge += " (sequential: stops at the first decisive look of 16, 64, 256, … copies)"
+            schedule = looks(self.args.n, first_look(self.args.n, t.value, self.args.alpha))
+            judge += f" (sequential: stops at the first decisive look of {', '.join(map(str, schedule))} copies)"
         return f"{self.model_dir}: {judge}{extra}; STAMPED when score > {t.value:.4g} ({t.text}); {size}"
 
     def __call__(self, path: Path) -> dict:
@@ -354,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="noise samples per image for the smoothed verdict (the most, with --sequential on), and "
                         "CERTIFY's estimation samples")
     s.add_argument("--sequential", choices=("on", "off"), default="on",
-                   help="on: sequential PREDICT: look at the votes after 16, 64, 256, … copies and stop at the first "
+                   help="on: sequential PREDICT: look at the votes after 16, 64, 256, … copies "
+                        "(a first look of 32 or more when the threshold is far from ½) and stop at the first "
                         "decisive look, with the same bound alpha on a wrong verdict (docs/smoothing.md); "
                         "off: always draw --n copies (Cohen's PREDICT)")
     s.add_argument("--alpha", type=significance, default=0.001, help="significance level of verdicts and certificates")

@@ -2,7 +2,10 @@
 
 Cohen et al.'s PREDICT fixes n in advance and runs a two-sided binomial test of the vote share against ½. Most
 photos' votes are lopsided (shares of 0 or 1), which a few dozen copies decide; `sequential_decide` looks at the
-votes after 16, 64, 256, … copies (×4 each time, the last look at n) and stops at the first decisive look.
+votes after 16, 64, 256, … copies (×4 each time, the last look at n) and stops at the first decisive look. The
+first look is the smallest of 16, 32, 64, … copies at which a unanimous vote, either way, is already decisive
+(16 at PREDICT's threshold ½; more the further a calibrated threshold lies from ½), so that a lopsided photo
+stops there.
 
 The guarantee: PREDICT's, "the probability of a decisive verdict on the wrong side of the threshold t is at most
 α", over all looks together. Each look k runs the two-sided binomial test of H0: p = t at its own level α_k, with
@@ -22,9 +25,9 @@ import numpy as np
 import torch
 from scipy.stats import binom
 
-#: The first look and the growth factor of the looks: 16, 64, 256, 1,024, … copies. 16 is the smallest first look
-#: at which a unanimous vote is decisive at threshold ½ with PREDICT's α = 0.001 split over four looks (2·½¹⁶ =
-#: 3.1e-5 ≤ α/6); halving it from 32 halved the copies evaluate.py draws (most photos' votes are unanimous).
+#: The smallest first look and the growth factor of the looks: 16, 64, 256, 1,024, … copies. At threshold ½ and
+#: PREDICT's α = 0.001 split over four looks a unanimous vote of 16 is decisive (2·½¹⁶ = 3.1e-5 ≤ α/6); starting
+#: at 16 rather than 32 halves the copies evaluate.py draws, since most photos' votes are unanimous.
 FIRST_LOOK, LOOK_FACTOR = 16, 4
 
 
@@ -37,6 +40,21 @@ def looks(n: int, first: int = FIRST_LOOK, factor: int = LOOK_FACTOR) -> list[in
         out.append(k)
         k *= factor
     return out + [n]
+
+
+def first_look(n: int, threshold: float, alpha: float, smallest: int = FIRST_LOOK, factor: int = LOOK_FACTOR) -> int:
+    """The smallest first look of `smallest`, 2·`smallest`, 4·`smallest`, … copies (n at most) at which a unanimous
+    vote either way rejects p = threshold at that look's level. Fixed by (n, threshold, alpha) before any copy is
+    drawn, so the guarantee holds as for any planned schedule; a first look that no vote could decide would only
+    cost copies (at threshold 0.7, 16 of 16 has p 0.0033)."""
+    k = smallest
+    while k < n:
+        level = look_levels(len(looks(n, k, factor)), alpha)[0]
+        p_values = two_sided_pvalues(k, threshold)
+        if p_values[0] <= level and p_values[k] <= level:
+            return k
+        k *= 2
+    return n
 
 
 def look_levels(count: int, alpha: float) -> list[float]:
@@ -59,7 +77,7 @@ def two_sided_pvalues(n: int, p: float) -> np.ndarray:
 
 
 def sequential_decide(sample: Callable[[torch.Tensor, int], torch.Tensor], batch: int, n: int,
-                      threshold: float = 0.5, alpha: float = 0.001, first: int = FIRST_LOOK,
+                      threshold: float = 0.5, alpha: float = 0.001, first: int | None = None,
                       factor: int = LOOK_FACTOR) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sequential PREDICT for `batch` images at once.
 
@@ -72,12 +90,17 @@ def sequential_decide(sample: Callable[[torch.Tensor, int], torch.Tensor], batch
         threshold: t in (0, 1): the verdict is positive when the share of positive votes is above t (½ is PREDICT).
             At t = 0 or 1 there is nothing to test: all n copies are drawn and the share compared with t.
         alpha: the bound on the probability of a decisive verdict on the wrong side of t.
+        first, factor: the looks are first, first·factor, … copies, then n; first defaults to
+            first_look(n, threshold, alpha).
 
     Returns:
         (verdicts (batch,): 1 positive, 0 negative, -1 abstain; votes (batch,): positive votes; n_used (batch,):
         copies drawn per image), int64 CPU tensors.
     """
-    schedule = looks(n, first, factor) if 0 < threshold < 1 else [n]
+    if not 0 < threshold < 1:
+        schedule = [n]
+    else:
+        schedule = looks(n, first or first_look(n, threshold, alpha, factor=factor), factor)
     levels = look_levels(len(schedule), alpha)
     verdicts = torch.full((batch,), -1, dtype=torch.long)
     votes = torch.zeros(batch, dtype=torch.long)

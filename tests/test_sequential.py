@@ -6,7 +6,7 @@ import torch
 
 from models import STAMPED, Scanner, ScannerConfig
 from smoothing import ABSTAIN, Smooth
-from smoothing.sequential import look_levels, looks, sequential_decide
+from smoothing.sequential import first_look, look_levels, looks, sequential_decide, two_sided_pvalues
 
 TRIALS, ALPHA, N = 20000, 0.05, 1000  # α large enough that its rate is measurable with TRIALS trials
 
@@ -87,10 +87,22 @@ def test_votes_do_not_depend_on_how_copies_are_batched(smooth):
 def test_vectorised_pvalues_equal_scipys_binomtest(n, p):
     """Also at 2,048 copies (a look of n = 100,000), where the least likely outcomes' probabilities underflow to 0."""
     from scipy.stats import binomtest
-    from smoothing.sequential import two_sided_pvalues
     ours = two_sided_pvalues(n, p)
     assert ours.shape == (n + 1,) and ours.max() <= 1.0
     assert all(ours[k] == pytest.approx(binomtest(k, n, p).pvalue, rel=1e-9, abs=1e-300) for k in range(n + 1))
+
+
+@pytest.mark.parametrize("t,first", [(0.5, 16), (0.3, 32), (0.7, 32), (0.9, 128)])
+def test_a_unanimous_vote_either_way_stops_at_the_first_look_which_is_as_early_as_that_allows(t, first):
+    assert first_look(1000, t, 0.001) == first
+    for unanimous, verdict in [(lambda a, k: torch.full((len(a),), k), 1), (lambda a, k: torch.zeros(len(a)), 0)]:
+        verdicts, _, used = sequential_decide(unanimous, 2, 1000, t, 0.001)
+        assert verdicts.tolist() == [verdict] * 2 and used.tolist() == [first] * 2, (t, verdict)
+    if first > 16:  # half as many copies could not have decided both ways at that look's level
+        earlier = first // 2
+        level = look_levels(len(looks(1000, earlier)), 0.001)[0]
+        assert max(two_sided_pvalues(earlier, t)[[0, earlier]]) > level
+    assert first_look(10, t, 0.001) == 10  # n below the smallest look: one look at n
 
 
 def test_looks_refuses_what_has_no_schedule():
@@ -119,7 +131,6 @@ def test_defaults_are_predict_at_one_half_and_alpha_0_001_over_the_schedule_aske
 
 
 def test_a_p_value_equal_to_the_looks_level_is_decisive():
-    from smoothing.sequential import two_sided_pvalues
     level = float(two_sided_pvalues(16, 0.5)[13])  # one look of 16 copies: its level is all of alpha
     verdicts, _, _ = sequential_decide(lambda a, k: torch.full((len(a),), 13), 1, 16, 0.5, level)
     assert verdicts.tolist() == [1]
@@ -152,8 +163,11 @@ def test_each_look_is_scipys_two_sided_test_at_its_share_of_alpha(t):
         return (shares[active] * k).round().long()
 
     verdicts, votes, used = sequential_decide(sample, len(shares), n, t, alpha)
-    schedule, levels = looks(n), look_levels(len(looks(n)), alpha)
-    assert schedule == [16, 64, 256, 1000] and levels == [alpha / 6] * 3 + [alpha / 2]
+    # the first look: 16 at ½; at 0.3, 0 of 16 is not decisive (p 0.0049 > α/6), 0 of 32 is
+    schedule = looks(n, first_look(n, t, alpha))
+    levels = look_levels(len(schedule), alpha)
+    assert schedule == {0.5: [16, 64, 256, 1000], 0.3: [32, 128, 512, 1000]}[t]
+    assert levels == [alpha / 6] * 3 + [alpha / 2]
     for i, q in enumerate(shares.tolist()):
         total_votes, drawn, expected = 0, 0, (-1, n)
         for total, level in zip(schedule, levels):

@@ -270,8 +270,9 @@ def test_a_smoothed_scan_gives_votes_and_a_certified_radius(model, photos, tmp_p
     assert "PREDICT with σ 0.02" in err and "sequential" in err and stamped["threshold"] == 0.5 and stamped["sigma"] == 0.02
     assert (stamped["verdict"], stamped["certified"]) == ("stamped", "stamped")
     assert (clean["verdict"], clean["certified"]) == ("clean", "clean")
-    # sequential PREDICT: 32 of 32 votes already decide (the first look), the certificate still uses --n fresh copies
-    assert (stamped["votes"], stamped["n_used"], stamped["n"]) == (32, 32, 60) and stamped["score"] == 1.0
+    # sequential PREDICT: 16 of 16 votes already decide (the first look), the certificate still uses --n fresh copies
+    assert "first decisive look of 16, 60 copies" in err
+    assert (stamped["votes"], stamped["n_used"], stamped["n"]) == (16, 16, 60) and stamped["score"] == 1.0
     assert stamped["certify_n"] == 60 and 0 < stamped["radius"] < 4 * 0.02
     _, records, err = scan_json(model, [out / "astronaut.png"], capsys, *flags, "--sequential", "off")
     assert (records[0]["votes"], records[0]["n_used"]) == (60, 60) and "sequential" not in err
