@@ -61,7 +61,7 @@ from models.io import CALIBRATION_NAME
 from report.judge import Judge
 from smoothing import ABSTAIN, Smooth
 from smoothing.core import threshold_radius
-from smoothing.sequential import first_look, looks
+from smoothing.sequential import look_schedule
 from stamp import (DEFAULT_WORKING_SIZE, expand_inputs, fit_pixels, fit_text, load_model, pixels_to_tensor,
                    read_pixels, report_failures, to_working)
 
@@ -243,7 +243,7 @@ class PhotoScanner:
                  if self.args.certify else "")
         judge = self.judge.describe()
         if self.sequential:
-            schedule = looks(self.args.n, first_look(self.args.n, t.value, self.args.alpha))
+            schedule = look_schedule(self.args.n, t.value, self.args.alpha)
             judge += f" (sequential: stops at the first decisive look of {', '.join(map(str, schedule))} copies)"
         return f"{self.model_dir}: {judge}{extra}; STAMPED when score > {t.value:.4g} ({t.text}); {size}"
 

@@ -57,6 +57,15 @@ def first_look(n: int, threshold: float, alpha: float, smallest: int = FIRST_LOO
     return n
 
 
+def look_schedule(n: int, threshold: float, alpha: float, first: int | None = None,
+                  factor: int = LOOK_FACTOR) -> list[int]:
+    """The looks sequential_decide takes: first (default first_look), first·factor, …, n; only n at a threshold of
+    0 or 1, where there is nothing to test."""
+    if not 0 < threshold < 1:
+        return [n]
+    return looks(n, first or first_look(n, threshold, alpha, factor=factor), factor)
+
+
 def look_levels(count: int, alpha: float) -> list[float]:
     """The test level of each of `count` looks: α/2 at the last, α/(2(count − 1)) at each earlier one (sum α)."""
     if count == 1:
@@ -97,10 +106,7 @@ def sequential_decide(sample: Callable[[torch.Tensor, int], torch.Tensor], batch
         (verdicts (batch,): 1 positive, 0 negative, -1 abstain; votes (batch,): positive votes; n_used (batch,):
         copies drawn per image), int64 CPU tensors.
     """
-    if not 0 < threshold < 1:
-        schedule = [n]
-    else:
-        schedule = looks(n, first or first_look(n, threshold, alpha, factor=factor), factor)
+    schedule = look_schedule(n, threshold, alpha, first, factor)
     levels = look_levels(len(schedule), alpha)
     verdicts = torch.full((batch,), -1, dtype=torch.long)
     votes = torch.zeros(batch, dtype=torch.long)

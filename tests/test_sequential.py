@@ -6,7 +6,8 @@ import torch
 
 from models import STAMPED, Scanner, ScannerConfig
 from smoothing import ABSTAIN, Smooth
-from smoothing.sequential import first_look, look_levels, looks, sequential_decide, two_sided_pvalues
+from smoothing.sequential import (first_look, look_levels, look_schedule, looks, sequential_decide,
+                                  two_sided_pvalues)
 
 TRIALS, ALPHA, N = 20000, 0.05, 1000  # α large enough that its rate is measurable with TRIALS trials
 
@@ -103,6 +104,14 @@ def test_a_unanimous_vote_either_way_stops_at_the_first_look_which_is_as_early_a
         level = look_levels(len(looks(1000, earlier)), 0.001)[0]
         assert max(two_sided_pvalues(earlier, t)[[0, earlier]]) > level
     assert first_look(10, t, 0.001) == 10  # n below the smallest look: one look at n
+    assert look_schedule(1000, t, 0.001) == looks(1000, first)
+
+
+def test_at_a_threshold_of_0_or_1_there_is_one_look_at_n():
+    assert look_schedule(1000, 0.0, 0.001) == look_schedule(1000, 1.0, 0.001) == [1000]
+    calls = []
+    sequential_decide(_recording(0.5, 0, calls), 2, 100, 0.0, 0.001)
+    assert calls == [100]
 
 
 def test_looks_refuses_what_has_no_schedule():
