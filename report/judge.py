@@ -8,6 +8,7 @@ import torch
 from engine.device import full_precision
 from models import STAMPED
 from smoothing import Smooth
+from smoothing.sequential import look_schedule
 
 
 @contextlib.contextmanager
@@ -51,7 +52,9 @@ class Judge:
     def describe(self) -> str:
         if not self.smoothed:
             return "plain scanner: argmax of the logits"
-        how = "sequential PREDICT (looks at 16, 64, 256, … copies)" if self.sequential else "PREDICT"
+        how = "PREDICT"
+        if self.sequential:  # the judge tests against PREDICT's ½
+            how = f"sequential PREDICT (looks at {', '.join(map(str, look_schedule(self.n, 0.5, self.alpha)))} copies)"
         return f"smoothed scanner: {how} with σ {self.sigma}, n {self.n}, alpha {self.alpha}"
 
     @torch.no_grad()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from models import STAMPED, Scanner, ScannerConfig
+from report.judge import Judge
 from smoothing import ABSTAIN, Smooth
 from smoothing.sequential import (first_look, look_levels, look_schedule, looks, sequential_decide,
                                   two_sided_pvalues)
@@ -107,6 +108,12 @@ def test_a_unanimous_vote_either_way_stops_at_the_first_look_which_is_as_early_a
     assert look_schedule(1000, t, 0.001) == looks(1000, first)
 
 
+def test_the_judge_names_the_looks_it_takes(smooth):
+    assert "(looks at 16, 64, 256, 1000 copies)" in Judge(smooth.scanner, 0.25, 1000, 0.001).describe()
+    assert "(looks at 32, 128, 512, 1000 copies)" in Judge(smooth.scanner, 0.25, 1000, 1e-5).describe()
+    assert "looks" not in Judge(smooth.scanner, 0.25, 1000, 0.001, sequential=False).describe()
+
+
 def test_at_a_threshold_of_0_or_1_there_is_one_look_at_n():
     assert look_schedule(1000, 0.0, 0.001) == look_schedule(1000, 1.0, 0.001) == [1000]
     calls = []
@@ -173,7 +180,7 @@ def test_each_look_is_scipys_two_sided_test_at_its_share_of_alpha(t):
 
     verdicts, votes, used = sequential_decide(sample, len(shares), n, t, alpha)
     # the first look: 16 at ½; at 0.3, 0 of 16 is not decisive (p 0.0049 > α/6), 0 of 32 is
-    schedule = looks(n, first_look(n, t, alpha))
+    schedule = look_schedule(n, t, alpha)
     levels = look_levels(len(schedule), alpha)
     assert schedule == {0.5: [16, 64, 256, 1000], 0.3: [32, 128, 512, 1000]}[t]
     assert levels == [alpha / 6] * 3 + [alpha / 2]
