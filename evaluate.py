@@ -388,6 +388,9 @@ class Evaluation:
             "n_tiles": len(self.pass_["scores"]["none"][0]),
             "roc": roc_curve(clean, stamped),
             "operating_points": [operating_point(clean, stamped, fpr) for fpr in TARGET_FPRS],
+            # each photo's two scores, so that a threshold can be chosen again without judging the photos again
+            "photo_scores": [{"photo": self.images.paths[i].name, "clean": c, "stamped": s} for i, c, s in
+                             zip(torch.unique(self.photo_ids).tolist(), clean.tolist(), stamped.tolist())],
         }
         self.calibration_["auc"] = self.calibration_["roc"]["auc"]
 

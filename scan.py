@@ -23,8 +23,9 @@ as its selection step). When the bound does not clear the threshold, or the verd
 "certified: false, radius 0": a certificate never names a class other than the verdict's.
 
 The threshold: STAMPED when score > threshold. It is --threshold if given, else the one evaluate.py
---write_calibration stored in MODEL/calibration.json (the lowest threshold whose false-positive rate is at
-most 1% with 95% confidence on its clean photos), else the uncalibrated default (0 for the logit difference,
+--write_calibration stored in MODEL/calibration.json (a threshold whose false-positive rate is at most 1%
+with 95% confidence on its clean photos, in the middle of the gap between the highest clean score it allows
+and the next higher score), else the uncalibrated default (0 for the logit difference,
 i.e. the scanner's argmax; ½ for the vote share, i.e. PREDICT's majority), and the output says
 "uncalibrated". A calibration made for another kind of score (plain vs smoothed, another σ) is not used. One
 that is used is compared with scan.py's own settings: the number of noisy copies (--n; smoothed only) and the

@@ -59,11 +59,15 @@ def operating_point(clean: torch.Tensor, stamped: torch.Tensor, target_fpr: floa
                     confidence: float = 0.95) -> dict:
     """A threshold t (verdict 'stamped' iff score > t) that holds the false-positive rate at target_fpr.
 
-    We take the lowest threshold whose FPR's one-sided upper confidence bound is ≤ target_fpr: then "FPR ≤
-    target" holds with that confidence, not just on this sample. When even zero false positives cannot back
-    the target (too few clean photos; `clean_needed` says how many), t is the highest clean score and
-    `backed` is False. Returns the threshold, FPR (with its bound), TPR with its exact two-sided interval,
-    and the counts.
+    We allow the most false positives k whose FPR's one-sided upper confidence bound is ≤ target_fpr: then
+    "FPR ≤ target" holds with that confidence, not just on this sample. Every threshold from the (k+1)-th
+    highest clean score up to the next higher score (clean or stamped) makes the same verdicts on the data
+    (`gap`); we take the middle of that gap, so that a new photo scoring a little above the highest clean photo
+    allowed is not flagged for it, nor a stamped one a little below the lowest caught missed. The bound still
+    holds: a threshold above that order statistic flags no more clean photos than it does. When even zero false
+    positives cannot back the target (too few clean photos; `clean_needed` says how many), the gap starts at
+    the highest clean score and `backed` is False. Returns the threshold, its gap, FPR (with its bound), TPR
+    with its exact two-sided interval, and the counts.
     """
     clean, stamped = clean.double().sort(descending=True).values, stamped.double()
     n_clean, n_stamped = len(clean), len(stamped)
@@ -71,12 +75,17 @@ def operating_point(clean: torch.Tensor, stamped: torch.Tensor, target_fpr: floa
     while allowed + 1 < n_clean and fpr_upper_bound(allowed + 1, n_clean, confidence) <= target_fpr:
         allowed += 1
     # at most `allowed` clean scores lie strictly above the (allowed+1)-th highest one
-    threshold = float(clean[allowed]) if n_clean else float("inf")
+    low = float(clean[allowed]) if n_clean else math.inf
+    higher = torch.cat([clean, stamped])
+    higher = higher[higher > low]
+    high = float(higher.min()) if len(higher) else math.inf
+    middle = (low + high) / 2
+    threshold = middle if low < middle < high else low  # no higher score, or none representable between
     false_pos = int((clean > threshold).sum())
     true_pos = int((stamped > threshold).sum())
     upper = fpr_upper_bound(false_pos, n_clean, confidence)
     return {
-        "target_fpr": target_fpr, "threshold": threshold, "confidence": confidence,
+        "target_fpr": target_fpr, "threshold": threshold, "gap": [low, high], "confidence": confidence,
         "fpr": false_pos / n_clean if n_clean else float("nan"), "fpr_upper_bound": upper,
         "tpr": true_pos / n_stamped if n_stamped else float("nan"),
         "tpr_ci": list(clopper_pearson(true_pos, n_stamped, confidence)),

@@ -169,11 +169,13 @@ def calibration_md(results: dict) -> str:
     rows = []
     for point in results["calibration"]["operating_points"]:
         lo, hi = point["tpr_ci"]
-        rows.append([f"{100 * point['target_fpr']:g}%", num(point["threshold"], 4),
+        gap = point.get("gap")  # results written before thresholds sat in the middle of the gap have none
+        rows.append([f"{100 * point['target_fpr']:g}%", num(point["threshold"], 4)
+                     + (f" ({num(gap[0], 4)} to {num(gap[1], 4)})" if gap else ""),
                      f"{pct(point['fpr'])} (≤ {pct(point['fpr_upper_bound'])})",
                      f"{pct(point['tpr'])} [{pct(lo)}, {pct(hi)}]",
                      "yes" if point["backed"] else f"no: needs ≥ {point['clean_needed']} clean photos"])
-    return _table(["target FPR", "threshold", "FPR % (95% upper bound)", "TPR % [95% CI]", "backed by the data"],
+    return _table(["target FPR", "threshold (middle of the gap)", "FPR % (95% upper bound)", "TPR % [95% CI]", "backed by the data"],
                   rows, "lrrrl")
 
 

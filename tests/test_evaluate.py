@@ -160,6 +160,11 @@ def test_json_csv_and_markdown_agree(plain_eval, plain_run):
     csv_lines = (out / "table1.csv").read_text().splitlines()
     assert csv_lines[0].startswith("condition,acc_clean") and len(csv_lines) == 1 + len(results["table1"])
     assert results["calibration"]["auc"] == pytest.approx(results["table1"]["none"]["auc"])
+    # each photo's scores are kept: the operating points follow from them alone
+    photo_scores = results["calibration"]["photo_scores"]
+    assert len({p["photo"] for p in photo_scores}) == len(photo_scores) == results["table1"]["none"]["n"]
+    clean, stamped = (torch.tensor([p[kind] for p in photo_scores]) for kind in ("clean", "stamped"))
+    assert results["calibration"]["operating_points"][0] == operating_point(clean, stamped, 0.01)
 
 
 @pytest.mark.end_to_end
@@ -265,10 +270,10 @@ def test_the_roc_and_auc_are_over_clean_scored_low_and_stamped_high():
 
 
 @pytest.mark.parametrize("target_fpr, confidence", [(0.01, 0.95), (0.02, 0.9), (0.001, 0.95)])
-def test_operating_point_is_the_lowest_threshold_whose_bound_backs_the_target(target_fpr, confidence):
+def test_operating_point_sits_in_the_middle_of_the_gap_the_bound_allows(target_fpr, confidence):
     """Computed here from scipy alone: the most false positives k whose one-sided exact upper bound is within the
-    target; the threshold is then the (k+1)-th highest clean score, and every field follows from it. A stamped
-    score equal to the threshold is not above it."""
+    target; the gap then runs from the (k+1)-th highest clean score to the next higher score of either kind, the
+    threshold is its middle, and every field follows from it."""
     gen = torch.Generator().manual_seed(1)
     clean = torch.randn(2000, generator=gen).double()
     ranked = clean.sort(descending=True).values
@@ -278,17 +283,34 @@ def test_operating_point_is_the_lowest_threshold_whose_bound_backs_the_target(ta
         return binomtest(k, 2000, alternative="less").proportion_ci(confidence, method="exact").high
 
     k = max(k for k in range(0, 200) if bound(k) <= target_fpr) if bound(0) <= target_fpr else 0
-    threshold = float(ranked[k])
+    low = float(ranked[k])
+    high = min(float(x) for x in torch.cat([clean, stamped]) if x > low)
+    threshold = (low + high) / 2
     true_pos = int((stamped > threshold).sum())
+    assert true_pos == int((stamped > low).sum())  # the same verdicts as at the bottom of the gap
     expected = {
-        "target_fpr": target_fpr, "threshold": threshold, "confidence": confidence, "fpr": k / 2000,
-        "fpr_upper_bound": pytest.approx(bound(k), rel=1e-9), "tpr": true_pos / 540,
+        "target_fpr": target_fpr, "threshold": threshold, "gap": [low, high], "confidence": confidence,
+        "fpr": k / 2000, "fpr_upper_bound": pytest.approx(bound(k), rel=1e-9), "tpr": true_pos / 540,
         "tpr_ci": pytest.approx(list(binomtest(true_pos, 540).proportion_ci(confidence, method="exact"))),
         "n_clean": 2000, "n_stamped": 540, "backed": bound(k) <= target_fpr,
         "clean_needed": math.ceil(math.log(1 - confidence) / math.log(1 - target_fpr)),
     }
     assert operating_point(clean, stamped, target_fpr, confidence) == expected
     assert k > 0 or target_fpr == 0.001  # 2,000 clean photos back 1% and 2% with false positives to spare
+
+
+def test_operating_point_of_separated_votes_is_one_half():
+    """A smoothed scanner whose clean photos drew no stamped vote and stamped photos only stamped votes: the
+    threshold is ½ (PREDICT's majority), not 0, which would flag a photo on a single stamped vote; the gap up to
+    the lowest stamped score when it is the next score, and no gap above the top score."""
+    point = operating_point(torch.zeros(400), torch.ones(400), 0.01)
+    assert point["threshold"] == 0.5 and point["gap"] == [0.0, 1.0] and point["backed"]
+    assert point["fpr"] == 0 and point["tpr"] == 1
+    near = operating_point(torch.zeros(400), torch.tensor([0.25, 1.0]), 0.01)
+    assert near["threshold"] == 0.125 and near["tpr"] == 1
+    nothing_above = operating_point(torch.linspace(0, 1, 400), torch.tensor([0.5]), 0.01)
+    assert nothing_above["threshold"] == 1.0 and nothing_above["gap"] == [1.0, math.inf]
+    assert nothing_above["tpr"] == 0
 
 
 def test_operating_point_edges():
@@ -302,7 +324,7 @@ def test_operating_point_edges():
     assert empty["threshold"] == math.inf and math.isnan(empty["fpr"]) and not empty["backed"]
     assert empty["tpr"] == 0.0 and empty["fpr_upper_bound"] == 1.0
     anything = operating_point(clean, stamped, 0.9999)  # every clean photo but the lowest may be flagged
-    assert anything["threshold"] == 0.0 and anything["fpr"] == 298 / 299
+    assert anything["threshold"] == float(clean[1]) / 2 and anything["fpr"] == 298 / 299
     none_stamped = operating_point(clean, torch.empty(0), 0.01)
     assert math.isnan(none_stamped["tpr"]) and none_stamped["tpr_ci"] == [0.0, 1.0]
 
@@ -329,5 +351,5 @@ def test_operating_point_holds_the_false_positive_rate_it_states():
     # 30 clean photos cannot back "FPR ≤ 1%": the rule of three needs 299
     small = operating_point(clean[:30], stamped, 0.01)
     assert not small["backed"] and small["clean_needed"] == 299 and small["fpr"] == 0
-    assert small["threshold"] == clean[:30].max().item()
+    assert small["gap"][0] == clean[:30].max().item() < small["threshold"] < small["gap"][1]
     assert math.isclose(small["fpr_upper_bound"], 1 - 0.05 ** (1 / 30), rel_tol=1e-6)
