@@ -36,9 +36,15 @@ def _scores_and_labels(clean: torch.Tensor, stamped: torch.Tensor) -> tuple[torc
 
 
 def roc_curve(clean: torch.Tensor, stamped: torch.Tensor) -> dict:
-    """ROC (torchmetrics) of scores where higher means 'stamped' → {fpr, tpr, thresholds, auc} as lists."""
+    """ROC (torchmetrics) of scores where higher means 'stamped' → {fpr, tpr, thresholds, auc} as lists.
+
+    The thresholds are on the scores' own scale: torchmetrics passes scores outside [0, 1] (logits) through a
+    sigmoid first, so its thresholds are mapped back (exact in double precision up to |score| ≈ 36, where the
+    sigmoid rounds to 0 or 1)."""
     scores, labels = _scores_and_labels(clean, stamped)
     fpr, tpr, thresholds = binary_roc(scores, labels, thresholds=None)
+    if ((scores < 0) | (scores > 1)).any():
+        thresholds = torch.logit(thresholds.double())
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": thresholds.tolist(),
             "auc": float(binary_auroc(scores, labels, thresholds=None))}
 

@@ -267,6 +267,9 @@ def test_the_roc_and_auc_are_over_clean_scored_low_and_stamped_high():
     assert roc["thresholds"][1:] == pytest.approx([0.95, 0.9, 0.8, 0.4, 0.35, 0.1])  # torchmetrics starts at 1
     assert roc["auc"] == pytest.approx(2 / 3) and auc(clean, stamped) == pytest.approx(2 / 3)
     assert set(roc) == {"fpr", "tpr", "thresholds", "auc"}
+    logits = roc_curve(torch.tensor([-3.0, 0.5]), torch.tensor([-1.0, 2.0, 7.0]))  # on the logits' own scale
+    assert logits["thresholds"][1:] == pytest.approx([7.0, 2.0, 0.5, -1.0, -3.0])
+    assert logits["fpr"] == pytest.approx([0, 0, 0, 0.5, 0.5, 1])
 
 
 @pytest.mark.parametrize("target_fpr, confidence", [(0.01, 0.95), (0.02, 0.9), (0.001, 0.95)])
