@@ -175,8 +175,8 @@ def calibration_md(results: dict) -> str:
                      f"{pct(point['fpr'])} (≤ {pct(point['fpr_upper_bound'])})",
                      f"{pct(point['tpr'])} [{pct(lo)}, {pct(hi)}]",
                      "yes" if point["backed"] else f"no: needs ≥ {point['clean_needed']} clean photos"])
-    return _table(["target FPR", "threshold (middle of the gap)", "FPR % (95% upper bound)", "TPR % [95% CI]", "backed by the data"],
-                  rows, "lrrrl")
+    return _table(["target FPR", "threshold (middle of the gap)", "FPR % (95% upper bound)", "TPR % [95% CI]",
+                   "backed by the data"], rows, "lrrrl")
 
 
 def certification_md(results: dict) -> str:
