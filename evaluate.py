@@ -619,11 +619,11 @@ class Evaluation:
 
 class _AtWorkingSize(torch.utils.data.Dataset):
     """Whole photos brought to scan.py's working resolution (stamp.to_working: long side `size`, antialiased
-    bilinear; 0 = native). Keeps the wrapped dataset's .skipped and photo_index."""
+    bilinear; 0 = native). Keeps the wrapped dataset's .paths, .skipped and photo_index."""
 
     def __init__(self, dataset: ImageFolderDataset, size: int):
         self.dataset, self.size = dataset, size
-        self.skipped, self.photo_index = dataset.skipped, dataset.photo_index
+        self.paths, self.skipped, self.photo_index = dataset.paths, dataset.skipped, dataset.photo_index
 
     def __len__(self):
         return len(self.dataset)

@@ -232,10 +232,12 @@ def test_calibration_json_is_used_when_present(model, photos, tmp_path, capsys):
     assert "calibrates 'fraction of noisy samples read as stamped' at σ 0.25" in err
 
 
-def test_evaluate_writes_the_calibration_that_scan_uses(model, photos, tmp_path, capsys):
+@pytest.mark.parametrize("sizing", [["--size", "32", "--max_images", "8"], ["--working_size", "64"]],
+                         ids=["tiles", "whole_photos_at_working_size"])
+def test_evaluate_writes_the_calibration_that_scan_uses(model, photos, tmp_path, capsys, sizing):
     copy = tmp_path / "model"
     shutil.copytree(model, copy)
-    argv = ["--checkpoint", copy, "--data_path", photos, "--quick", "--size", "32", "--max_images", "8",
+    argv = ["--checkpoint", copy, "--data_path", photos, "--quick", *sizing,
             "--attack_images", "0", "--device", "cpu", "--write_calibration", "--out", tmp_path / "eval"]
     results = evaluate.main([str(a) for a in argv])
     calibration = json.loads((copy / "calibration.json").read_text())
@@ -244,6 +246,8 @@ def test_evaluate_writes_the_calibration_that_scan_uses(model, photos, tmp_path,
     assert calibration["threshold"] == point["threshold"] and calibration["score"] == scan.PLAIN_SCORE
     assert calibration["sigma"] is None and calibration["backed"] is False  # 8 clean tiles back nothing
     assert calibration["evaluated"] == str(tmp_path / "eval" / "results.json")
+    names = [entry["photo"] for entry in results["calibration"]["photo_scores"]]
+    assert len(names) == len(set(names)) == point["n_clean"] and set(names) <= {p.name for p in photos.rglob("*")}
     capsys.readouterr()
     _, records, err = scan_json(copy, [photos / "camera.png"], capsys)
     assert records[0]["threshold"] == point["threshold"] and records[0]["calibrated"] is True
