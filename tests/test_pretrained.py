@@ -142,10 +142,10 @@ def test_shipped_model_reports_broken_files_and_goes_on(photos, tmp_path, capsys
     "JPEG (score −2.79, below retina.jpg clean at −2.73: no threshold separates them); its card and "
     "docs/models.md"))), "rs/sigma_0.25",
     pytest.param("rs/sigma_0.5", marks=pytest.mark.xfail(strict=True, reason=(
-        "the stamp does not survive stamp.py's working-resolution round trip (residual made "
-        "at 512 px, upsampled to the photo, downscaled again by scan.py): on the five photos over 512 px (cell, "
-        "coffee, motorcycle_left, retina, rocket) stamped reads clean or abstains; with --working_size 0 for both "
-        "all are caught; its card and docs/models.md")))])
+        "the stamp does not survive stamp.py's working-resolution round trip (residual made at 512 px, upsampled "
+        "to the photo, downscaled again by scan.py): on the five photos over 512 px (cell, coffee, motorcycle_left, "
+        "retina, rocket) stamped reads clean or abstains; with --working_size 0 for both all are caught; its card "
+        "and docs/models.md")))])
 def test_shipped_model_on_every_sample_photo_and_after_jpeg_75_420(name, sample_photos, tmp_path, capsys):
     """None of scikit-image's photos read as stamped, every stamped one is caught, also after JPEG q75 4:2:0."""
     model = SHIPPED / name
