@@ -255,21 +255,8 @@ class PhotoScanner:
             x = pixels_to_tensor(fit_pixels(pixels, self.fit), self.device)
         else:
             x = to_working(pixels_to_tensor(pixels, self.device), args.working_size)
-        x = x.contiguous(memory_format=torch.channels_last)
+        verdict, score, n_used = self.judge_tensor(x)
         t = self.threshold.value
-        n_used = args.n
-        if self.sequential:
-            verdicts, votes, used = self.smooth.predict_sequential(
-                x, args.n, args.alpha, args.batch_size, self.sequential_generator, threshold=t, positive=STAMPED)
-            verdict, n_used = int(verdicts[0]), int(used[0])
-            score = int(votes[0]) / n_used
-        else:
-            verdicts, scores = self.judge(x)
-            score = float(scores[0])
-            if self.sigma is None:
-                verdict = STAMPED if score > t else 1 - STAMPED
-            else:
-                verdict = smoothed_verdict(round(score * args.n), args.n, t, args.alpha)
         result = {"path": str(path), "verdict": VERDICTS[verdict], "score": score, "threshold": t,
                   "calibrated": self.threshold.calibrated, "threshold_source": self.threshold.source,
                   "size": [pixels.shape[1], pixels.shape[0]], "scanned_at": [x.shape[-1], x.shape[-2]]}
@@ -280,6 +267,21 @@ class PhotoScanner:
         if args.certify:
             result.update(self.certify(x[0], verdict, t))
         return result
+
+    def judge_tensor(self, x: torch.Tensor) -> tuple[int, float, int]:
+        """One image (1,3,H,W) in [0,1], at the resolution it is judged at → (verdict: STAMPED, CLEAN or ABSTAIN,
+        score, noisy copies used: --n, fewer when sequential PREDICT stopped early, unused for a plain scanner)."""
+        args, t = self.args, self.threshold.value
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.sequential:
+            verdicts, votes, used = self.smooth.predict_sequential(
+                x, args.n, args.alpha, args.batch_size, self.sequential_generator, threshold=t, positive=STAMPED)
+            return int(verdicts[0]), int(votes[0]) / int(used[0]), int(used[0])
+        verdicts, scores = self.judge(x)
+        score = float(scores[0])
+        if self.sigma is None:
+            return (STAMPED if score > t else 1 - STAMPED), score, args.n
+        return smoothed_verdict(round(score * args.n), args.n, t, args.alpha), score, args.n
 
     def certify(self, x: torch.Tensor, verdict: int, threshold: float) -> dict:
         """The certificate of a smoothed verdict → {"certified", "radius", "certificate", ...} for the result.

@@ -53,6 +53,14 @@ def plain_view(weight: float = 1.0) -> ViewFn:
     return view
 
 
+def random_grid_shift(images: torch.Tensor, most: int) -> torch.Tensor:
+    """(B,C,H,W) → (B,C,H−most,W−most): each image cropped at its own random offset (dy, dx) in 0..most, by
+    integer slicing (kornia's RandomCrop in "slice" mode): the pixels move on the grid and are not resampled."""
+    if most == 0:
+        return images
+    return K.RandomCrop((images.shape[-2] - most, images.shape[-1] - most), cropping_mode="slice")(images)
+
+
 def combine_views(*view_fns: ViewFn) -> ViewFn:
     """One view function that returns the views of all of `view_fns`, in order."""
     def views(pair: torch.Tensor, step: int) -> list[View]:
@@ -81,14 +89,16 @@ class _Pair(nn.Module):
     logits (2B,C) fp32)]): the encoder and the scanner run under autocast on CUDA when `amp`; u is cast to fp32
     and bounded there (δ = encoder.bound(u)), as δ is far below bf16's resolution near 1.0. The stamped image is
     x + δ, clamped to [0,1] when `clamp_stamp` (what an image file can hold), unclamped otherwise (the original).
-    u, not δ, is what the L1 term regularises (see engine.losses.residual_regularisation).
+    u, not δ, is what the L1 term regularises (see engine.losses.residual_regularisation). With `grid_shift` S,
+    the views start from the pair [x, x'] with each image cropped at its own random offset of 0..S pixels.
     """
 
     def __init__(self, encoder: StampEncoder, scanner: Scanner, views: ViewFn, device: torch.device,
-                 clamp_stamp: bool = True, amp: bool = True):
+                 clamp_stamp: bool = True, amp: bool = True, grid_shift: int = 0):
         super().__init__()
         self.encoder, self.scanner = encoder, scanner
         self.views, self.device, self.clamp_stamp, self.amp = views, device, clamp_stamp, amp
+        self.grid_shift = grid_shift
 
     def forward(self, x: torch.Tensor, step: int):
         with autocast(self.device, self.amp):
@@ -98,7 +108,7 @@ class _Pair(nn.Module):
         if self.clamp_stamp:
             stamped = stamped.clamp(0, 1)
         outputs = []
-        for view in self.views(torch.cat([x, stamped]), step):
+        for view in self.views(random_grid_shift(torch.cat([x, stamped]), self.grid_shift), step):
             with autocast(self.device, self.amp):
                 outputs.append((view, self.scanner(view.images).float()))
         return unbounded, stamped, outputs
@@ -151,6 +161,9 @@ class Trainer:
                 raise ValueError(f"--{name} {module.config.arch} takes {module.input_size}x{module.input_size} images "
                                  f"only: use --image_size {module.input_size} (with --train_crop fit for whole "
                                  f"photos), or a fully convolutional --{name}")
+        if args.grid_shift and (args.grid_shift >= min(sizes) or self.scanner.input_size is not None):
+            raise ValueError(f"--grid_shift {args.grid_shift}: needs a fully convolutional --scanner and images "
+                             f"larger than the shift (--image_size {args.image_size})")
         # One parameter group per network, as the original (the same learning rate: Adam's update is per parameter).
         groups = [{"params": self.encoder.parameters()}, {"params": self.scanner.parameters()}]
         self.optimizer = torch.optim.Adam(groups, lr=args.lr, fused=device.type == "cuda")
@@ -179,7 +192,7 @@ class Trainer:
             # In place (state_dict keys unchanged); evaluation at other sizes recompiles once, with dynamic shapes.
             self.encoder.compile()
             self.scanner.compile()
-        self.model = _Pair(self.encoder, self.scanner, views, device, args.clamp_stamp, self.amp)
+        self.model = _Pair(self.encoder, self.scanner, views, device, args.clamp_stamp, self.amp, args.grid_shift)
         if dist.enabled:
             # Per-rank BatchNorm, not SyncBatchNorm (see docs/training.md, several GPUs); rank 0's buffers (the
             # running statistics) are copied to the others before each forward. Every parameter takes part in

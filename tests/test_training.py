@@ -308,3 +308,22 @@ def test_photo_shift_casts_each_training_photo_before_it_is_stamped(monkeypatch,
     assert torch.allclose(offsets, per_channel.expand_as(offsets), atol=1e-6)  # one shift per photo and channel
     assert per_channel.abs().max() <= shift + 1e-6 and per_channel.abs().min() > 0
     assert per_channel.flatten().unique().numel() == 12  # drawn for each photo and channel
+
+
+def test_grid_shift_crops_each_image_the_scanner_sees_at_its_own_offset(monkeypatch):
+    """--grid_shift S: the scanner sees the pair cropped by S rows and columns, each image at its own offset in
+    0..S (pixels moved, not resampled); a shift as large as the images is refused up front."""
+    trainer, _ = _trainer(monkeypatch, "--grid_shift", "3")
+    seen, forward = [], trainer.scanner.forward
+    monkeypatch.setattr(trainer.scanner, "forward", lambda images: seen.append(images.detach().clone())
+                        or forward(images))
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    trainer.step(x, 0)
+    assert seen[0].shape == (8, 3, 13, 13)
+    offsets = []
+    for photo, image in zip(x, seen[0][:4]):  # the clean half: a slice of its own photo
+        offsets += [(dy, dx) for dy in range(4) for dx in range(4) if torch.equal(image, photo[:, dy:dy + 13,
+                                                                                               dx:dx + 13])]
+    assert len(offsets) == 4 and len(set(offsets)) > 1
+    with pytest.raises(ValueError, match="--grid_shift 64: needs"):
+        _trainer(monkeypatch, "--grid_shift", "64")
