@@ -55,10 +55,17 @@ def plain_view(weight: float = 1.0) -> ViewFn:
 
 def random_grid_shift(images: torch.Tensor, most: int) -> torch.Tensor:
     """(B,C,H,W) → (B,C,H−most,W−most): each image cropped at its own random offset (dy, dx) in 0..most, by
-    integer slicing (kornia's RandomCrop in "slice" mode): the pixels move on the grid and are not resampled."""
+    integer indexing: the pixels move on the grid and are not resampled. Written here rather than with kornia's
+    RandomCrop(cropping_mode="slice"), which reads its offsets back to the host (a sync per step on CUDA) and
+    returns channels-first memory; these offsets stay on the device and the result is channels-last."""
     if most == 0:
         return images
-    return K.RandomCrop((images.shape[-2] - most, images.shape[-1] - most), cropping_mode="slice")(images)
+    batch, height, width = images.shape[0], images.shape[-2] - most, images.shape[-1] - most
+    dy, dx = torch.randint(0, most + 1, (2, batch, 1), device=images.device)
+    rows = (dy + torch.arange(height, device=images.device))[:, :, None]  # (B,h,1)
+    columns = (dx + torch.arange(width, device=images.device))[:, None, :]  # (B,1,w)
+    picked = images.permute(0, 2, 3, 1)[torch.arange(batch, device=images.device)[:, None, None], rows, columns]
+    return picked.permute(0, 3, 1, 2)  # (B,h,w,C) memory: channels-last
 
 
 def combine_views(*view_fns: ViewFn) -> ViewFn:
@@ -161,9 +168,10 @@ class Trainer:
                 raise ValueError(f"--{name} {module.config.arch} takes {module.input_size}x{module.input_size} images "
                                  f"only: use --image_size {module.input_size} (with --train_crop fit for whole "
                                  f"photos), or a fully convolutional --{name}")
-        if args.grid_shift and (args.grid_shift >= min(sizes) or self.scanner.input_size is not None):
-            raise ValueError(f"--grid_shift {args.grid_shift}: needs a fully convolutional --scanner and images "
-                             f"larger than the shift (--image_size {args.image_size})")
+        if args.grid_shift and (args.grid_shift >= args.image_size or self.scanner.input_size is not None):
+            raise ValueError(f"--grid_shift {args.grid_shift}: needs a fully convolutional scanner (--scanner, or "
+                             f"--init_from's) and training images larger than the shift (--image_size "
+                             f"{args.image_size})")
         # One parameter group per network, as the original (the same learning rate: Adam's update is per parameter).
         groups = [{"params": self.encoder.parameters()}, {"params": self.scanner.parameters()}]
         self.optimizer = torch.optim.Adam(groups, lr=args.lr, fused=device.type == "cuda")

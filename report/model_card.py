@@ -87,7 +87,9 @@ def write_card(run_dir: Path, out: Path, title: str, commands: list[str], eval_d
         "## Training", "",
         "```", *commands, "```", "",
         f"- steps: {summary['step']} (batch {args['batch_size']} of {args['image_size']}×{args['image_size']} crops"
-        + (f", scale jitter up to {args['max_crop_scale']}×" if args.get("max_crop_scale", 1) > 1 else "") + ")",
+        + (f", scale jitter up to {args['max_crop_scale']}×" if args.get("max_crop_scale", 1) > 1 else "")
+        + (f", the scanner's pair moved on the pixel grid by up to {args['grid_shift']} px" if args.get("grid_shift")
+           else "") + ")",
         f"- wall time: {seconds / 60:.1f} min for steps {resumed}–{summary['step']} "
         f"({summary['train_images_per_second']} images/s)" if seconds else "- wall time: not recorded",
         f"- machine: {machine()}",

@@ -2,12 +2,11 @@
 
 Each photo is stamped at its native resolution (stamp.py --working_size 0), rounded to 8-bit pixels; then for
 every shift (dy, dx) the crop stamped[dy : dy + H', dx : dx + W'] (H' = H − the largest dy, W' = W − the largest
-dx, so every crop has the same size) is judged at native resolution exactly as `scan.py --working_size 0`
-judges a file: the model's calibration.json, sequential PREDICT for a smoothed model. Nothing is resampled,
-so a stamp that is lost at some shifts is locked to the pixel grid (its pattern has a period: a scanner
-trained on stamped images that were never shifted after stamping learns to read only one phase of it). A
-cropping app or a resize that moves the grid by such a shift removes the stamp. The grid printed: photos
-read stamped at each shift. docs/models.md reports what the shipped models do.
+dx, so every crop has the same size) is judged at native resolution with the settings of `scan.py
+--working_size 0`: the model's calibration.json, sequential PREDICT for a smoothed model (one noise stream for
+all crops). Nothing is resampled, so a stamp that is lost at some shifts is locked to the pixel grid: a crop
+that moves the grid by such a shift removes it. The grid printed: photos read stamped at each shift.
+docs/models.md reports what the shipped models do; training with --grid_shift is meant to unlock it.
 
     python -m report.shift_probe pretrained_models/baseline ../shared/data/bsds400/test_100007.jpg
 """
@@ -42,14 +41,15 @@ def shifted_crops(pixels: np.ndarray, rows: list[int], columns: list[int]):
 def shift_list(text: str) -> list[int]:
     """'0-17' or '0,1,2,5' (or a mix: '0-3,8') → sorted distinct shifts ≥ 0."""
     shifts = set()
-    try:
-        for part in text.split(","):
-            first, _, last = part.partition("-")
-            shifts.update(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be shifts such as 0-17 or 0,1,2,5, got {text!r}") from None
-    if not shifts or min(shifts) < 0:
-        raise argparse.ArgumentTypeError(f"must name shifts ≥ 0, got {text!r}")
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        try:
+            first, last = int(first), int(last or first)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be shifts ≥ 0 such as 0-17 or 0,1,2,5, got {text!r}") from None
+        if last < first:
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is a backwards range")
+        shifts.update(range(first, last + 1))
     return sorted(shifts)
 
 
@@ -81,8 +81,9 @@ def run(args, out=None, err=None) -> dict:
         raise ValueError(f"--json {args.json}: must be a .json file")
     if args.json is not None and args.json.exists():
         raise ValueError(f"--json {args.json}: already exists; remove it or name another file")
+    # scan.py's own settings for these flags; "-" stands for its INPUT, which is never read here
     scan_args = scan_parser().parse_args(["--model", args.model, "--working_size", "0", "--n", str(args.n),
-                                          "--seed", str(args.seed), "--device", args.device, "-"])  # "-": scan.py's INPUT, not read
+                                          "--seed", str(args.seed), "--device", args.device, "-"])
     scanner = PhotoScanner(scan_args, log)
     if scanner.fit:
         raise ValueError(f"{args.model}: a scanner fixed at {scanner.fit}×{scanner.fit} resamples every photo; "
@@ -91,22 +92,28 @@ def run(args, out=None, err=None) -> dict:
     if encoder is None:
         raise ValueError(f"{args.model}: a scanner-only folder, no encoder to stamp with")
     items = expand_inputs(args.inputs)
+    photos = {}  # every photo read and checked before the first is stamped
     for item in items:
         if item.error is not None:
             raise ValueError(f"{item.path}: {item.error}")
-    log(f"shift probe of {len(items)} photo(s), {len(args.rows)} × {len(args.columns)} shifts, {scanner.describe()}")
+        photos[item.path] = read_pixels(item.path)  # ImageReadError (a ValueError) names the file
+        try:
+            shifted_crops(photos[item.path], args.rows, args.columns)
+        except ValueError as e:
+            raise ValueError(f"{item.path}: {e}") from None
+    log(f"shift probe of {len(photos)} photo(s), {len(args.rows)} × {len(args.columns)} shifts, {scanner.describe()}")
     stamped = {(dy, dx): 0 for dy in args.rows for dx in args.columns}
     t0 = time.perf_counter()
-    bar = tqdm(total=len(items) * len(stamped), unit="crop", desc="shift probe", file=err, dynamic_ncols=True,
+    bar = tqdm(total=len(photos) * len(stamped), unit="crop", desc="shift probe", file=err, dynamic_ncols=True,
                disable=None)
-    for item in items:
-        pixels, _ = stamp_pixels(encoder, read_pixels(item.path), working_size=0)
+    for photo in photos.values():
+        pixels, _ = stamp_pixels(encoder, photo, working_size=0)
         for shift, crop in shifted_crops(pixels, args.rows, args.columns).items():
             verdict, _, _ = scanner.judge_tensor(pixels_to_tensor(np.ascontiguousarray(crop), scanner.device))
             stamped[shift] += verdict == STAMPED
             bar.update()
     bar.close()
-    n = len(items)
+    n = len(photos)
     width = max(len(f"{n}/{n}"), max(len(str(dx)) for dx in args.columns))
     print(f"photos read stamped, of {n}, after shifting the stamped photo down dy rows and right dx columns", file=out)
     print("dy \\ dx " + " ".join(f"{dx:>{width}}" for dx in args.columns), file=out)
@@ -115,12 +122,12 @@ def run(args, out=None, err=None) -> dict:
     kept = [shift for shift, count in stamped.items() if count == n]
     log(f"{len(kept)} of {len(stamped)} shifts kept the stamp on every photo, {sum(c == 0 for c in stamped.values())} "
         f"lost it on every photo ({time.perf_counter() - t0:.0f} s)")
-    result = {"model": args.model, "photos": [str(item.path) for item in items], "rows": args.rows,
+    result = {"model": args.model, "photos": [str(path) for path in photos], "rows": args.rows,
               "columns": args.columns, "judge": scanner.describe(),
               "stamped": {f"{dy},{dx}": count for (dy, dx), count in stamped.items()}}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+        args.json.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return result
 
 

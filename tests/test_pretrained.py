@@ -10,6 +10,7 @@ from PIL import Image
 
 import scan
 import stamp
+from report import shift_probe
 from datasets.samples import sample_photo_paths
 from models import load_pretrained
 from models.io import CONFIG_NAME, ENCODER_NAME, SCANNER_NAME
@@ -158,3 +159,17 @@ def test_shipped_model_on_every_sample_photo_and_after_jpeg_75_420(name, sample_
         _, records = _scan(model, [folder], capsys, *FEW)
         verdicts = {Path(path).stem: r["verdict"] for path, r in records.items()}
         assert verdicts == dict.fromkeys(names, expected), (folder.name, verdicts)
+
+
+def test_shipped_baseline_stamp_is_lost_when_the_grid_moves_a_few_rows(tmp_path, capsys):
+    """The shipped baseline's stamp is locked to the pixel grid (docs/models.md): read 0 and 16 rows down (any
+    column), lost 6 rows down. A baseline retrained with --grid_shift should read it at every shift instead."""
+    photo = tmp_path / "chelsea.png"
+    Image.fromarray(skimage.data.chelsea()).save(photo)
+    grid = tmp_path / "grid.json"
+    argv = [SHIPPED / "baseline", photo, "--rows", "0,6,16", "--columns", "0,3", "--json", grid, "--device", "cpu"]
+    code, out, err = cli(shift_probe, argv, capsys)
+    assert code == 0, err
+    stamped = json.loads(grid.read_text())["stamped"]
+    assert stamped == {"0,0": 1, "0,3": 1, "6,0": 0, "6,3": 0, "16,0": 1, "16,3": 1}
+    assert "      6 0/1 0/1" in out and "4 of 6 shifts kept the stamp" in err

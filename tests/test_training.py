@@ -327,3 +327,16 @@ def test_grid_shift_crops_each_image_the_scanner_sees_at_its_own_offset(monkeypa
     assert len(offsets) == 4 and len(set(offsets)) > 1
     with pytest.raises(ValueError, match="--grid_shift 64: needs"):
         _trainer(monkeypatch, "--grid_shift", "64")
+
+
+def test_random_grid_shift_moves_pixels_keeps_channels_last_and_passes_gradients():
+    x = torch.rand(6, 3, 10, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(1)
+    shifted = training.random_grid_shift(x, 3)
+    assert shifted.shape == (6, 3, 7, 9) and shifted.is_contiguous(memory_format=torch.channels_last)
+    offsets = [[(dy, dx) for dy in range(4) for dx in range(4) if torch.equal(image, photo[:, dy:dy + 7, dx:dx + 9])]
+               for photo, image in zip(x.detach(), shifted.detach())]
+    assert all(len(found) == 1 for found in offsets) and len({found[0] for found in offsets}) > 1
+    shifted.sum().backward()
+    assert x.grad.sum().item() == 6 * 3 * 7 * 9  # each kept pixel once
+    assert training.random_grid_shift(x, 0) is x
