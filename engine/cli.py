@@ -161,9 +161,10 @@ def build_parser(description: str, script: str) -> argparse.ArgumentParser:
                            "on a faint cast as its stamp, which colourful photos hide (0 = off, as the original)")
     data.add_argument("--grid_shift", type=non_negative_int, default=0,
                       help="crop each image of the pair the scanner sees (clean and stamped, after stamping) at "
-                           "its own random offset of 0 to this many rows and columns (moved, not resampled), so that the scanner cannot read the stamp at one "
-                           "phase of the pixel grid only; without it a stamp can be lost when a crop moves the "
-                           "grid by one row (docs/models.md). 0 = off, as the original")
+                           "its own random offset of 0 to this many rows and columns (moved, not resampled), so "
+                           "that the scanner cannot read the stamp at one phase of the pixel grid only; without it "
+                           "a stamp can be lost when a crop moves the grid by one row (docs/models.md). 0 = off, "
+                           "as the original")
     d.add("--batch_size", type=positive_int,
           help="images per step; the scanner sees 2x this (clean and stamped) per view")
 
