@@ -167,9 +167,11 @@ def test_shipped_baseline_reads_its_stamp_wherever_the_grid_moves(tmp_path, caps
     photo = tmp_path / "chelsea.png"
     Image.fromarray(skimage.data.chelsea()).save(photo)
     grid = tmp_path / "grid.json"
-    argv = [SHIPPED / "baseline", photo, "--rows", "0,3,6,9,16", "--columns", "0,3", "--json", grid, "--device", "cpu"]
+    rows, columns = (0, 3, 6, 9, 16), (0, 3)
+    argv = [SHIPPED / "baseline", photo, "--rows", ",".join(map(str, rows)), "--columns", ",".join(map(str, columns)),
+            "--json", grid, "--device", "cpu"]
     code, out, err = cli(shift_probe, argv, capsys)
     assert code == 0, err
     stamped = json.loads(grid.read_text())["stamped"]
-    assert stamped == {f"{row},{column}": 1 for row in (0, 3, 6, 9, 16) for column in (0, 3)}
+    assert stamped == {f"{row},{column}": 1 for row in rows for column in columns}
     assert "      6 1/1 1/1" in out and "10 of 10 shifts kept the stamp" in err
