@@ -190,6 +190,8 @@ class Evaluation:
 
     STAGES = ["load", "detection and imperceptibility", "calibration", "adversarial attacks", "certification",
               "original protocol", "write"]
+    #: the stages after detection that can take long: detection's figures are printed before them
+    LONG_STAGES = ("adversarial attacks", "certification", "original protocol")
 
     def __init__(self, args, log=print):
         self.args, self.log = args, log
@@ -521,6 +523,10 @@ class Evaluation:
                 self.load()
             elif stage == "detection and imperceptibility":
                 self.detection()
+                if not self.scanner_only and set(self.LONG_STAGES) & set(stages):  # show what is known now
+                    tqdm.write("\n".join(["== detection done; the other stages follow",
+                                           *self._detection_lines(self.table1, self.forwarding, self.table2)]),
+                               file=sys.stderr)
             elif stage == "calibration":
                 self.calibration()
             elif stage == "adversarial attacks":
@@ -566,19 +572,9 @@ class Evaluation:
     def summary(self, results: dict, files: list[Path]):
         if self.scanner_only:
             return self.scanner_only_summary(results, files)
-        t1, t2 = results["table1"], results["table2"]
-        worst = min(t1, key=lambda k: t1[k]["acc"])
         lines = ["", f"== evaluated {self.model_dir} in {results['settings']['seconds']:.0f} s "
                      f"({results['settings']['images']} images, {self.judge.describe()})",
-                 f"   no corruption: clean {100 * t1['none']['acc_clean']:.1f}% / stamped "
-                 f"{100 * t1['none']['acc_stamped']:.1f}%, ROC-AUC {t1['none']['auc']:.4f}",
-                 f"   mixed chain: {100 * t1['mixed chain (JPEG q75)']['acc']:.1f}%; worst condition: {worst} "
-                 f"({100 * t1[worst]['acc']:.1f}%)",
-                 *(["   forwarding (Table 1b): " + ", ".join(f"{name} {100 * row['acc']:.1f}%" for name, row in
-                                                           results["forwarding"].items())]
-                   if results["forwarding"] else []),
-                 f"   PSNR {t2['psnr']['mean']:.2f} ± {t2['psnr']['std']:.2f} dB, SSIM {t2['ssim']['mean']:.4f}, "
-                 f"LPIPS {'%.4f' % t2['lpips']['mean'] if t2['lpips']['n'] else t2['lpips_note']}"]
+                 *self._detection_lines(results["table1"], results["forwarding"], results["table2"])]
         for point in results["calibration"]["operating_points"]:
             lines.append(f"   FPR ≤ {100 * point['target_fpr']:g}%: threshold {point['threshold']:.4g}, TPR "
                          f"{100 * point['tpr']:.1f}%" + ("" if point["backed"] else
@@ -599,6 +595,19 @@ class Evaluation:
                          + " (all in results.json)")
         lines.append(f"   wrote {len(files)} files to {self.out}/ (tables.md, results.json, CSVs, plots, tb/)")
         self.log("\n".join(lines))
+
+    @staticmethod
+    def _detection_lines(t1: dict, forwarding: dict | None, t2: dict) -> list[str]:
+        """The summary's lines on Tables 1, 1b and 2, printed again as soon as the detection stage has them."""
+        worst = min(t1, key=lambda k: t1[k]["acc"])
+        return [f"   no corruption: clean {100 * t1['none']['acc_clean']:.1f}% / stamped "
+                f"{100 * t1['none']['acc_stamped']:.1f}%, ROC-AUC {t1['none']['auc']:.4f}",
+                f"   mixed chain: {100 * t1['mixed chain (JPEG q75)']['acc']:.1f}%; worst condition: {worst} "
+                f"({100 * t1[worst]['acc']:.1f}%)",
+                *(["   forwarding (Table 1b): " + ", ".join(f"{name} {100 * row['acc']:.1f}%" for name, row in
+                                                         forwarding.items())] if forwarding else []),
+                f"   PSNR {t2['psnr']['mean']:.2f} ± {t2['psnr']['std']:.2f} dB, SSIM {t2['ssim']['mean']:.4f}, "
+                f"LPIPS {'%.4f' % t2['lpips']['mean'] if t2['lpips']['n'] else t2['lpips_note']}"]
 
     def scanner_only_summary(self, results: dict, files: list[Path]):
         t1 = results["table1"]

@@ -368,8 +368,11 @@ class _Run:
         if checkpoint:
             self._resume(checkpoint)
         if dist.is_main:
+            # "architecture": the networks actually built (--init_from's or a checkpoint's, not the flags')
             self.run.write_args({**vars(args), "resumed_from_step": self.start_step, "device_used": str(device),
-                                 "world_size": dist.world_size})
+                                 "world_size": dist.world_size,
+                                 "architecture": {"encoder": asdict(self.encoder.config),
+                                                  "scanner": asdict(self.scanner.config)}})
             # purge_step drops events a crashed run logged after its last checkpoint, so curves do not fold back.
             self.writer = SummaryWriter(self.run.tb, purge_step=self.start_step or None)
             if self.start_step == 0:

@@ -194,9 +194,12 @@ def test_the_runs_training_photos_are_not_used_by_default(plain_run, photo_folde
                                                           no_downloads):
     """Without --all_images, evaluating on the training folder uses its held-out test split only."""
     results = evaluate.main(["--checkpoint", str(plain_run), "--data_path", str(photo_folder), "--out",
-                             str(tmp_path), "--attack_images", "0", "--quick", "--size", "32", "--device", "cpu"])
-    assert "held-out test split" in capsys.readouterr().out
+                             str(tmp_path), "--attack_images", "0", "--quick", "--size", "32", "--device", "cpu",
+                             "--protocol", "strict"])
+    captured = capsys.readouterr()
+    assert "held-out test split" in captured.out
     assert results["settings"]["photos"] == 1 and results["table3"] is None  # 12 photos → 1 test photo
+    assert "detection done" not in captured.err  # no long stage follows: figures printed once, at the end
     # without the AlexNet weights (tests never download them: conftest) Table 2 says why LPIPS is missing
     t2 = results["table2"]
     assert t2["lpips"]["n"] == 0 and t2["lpips_note"] == (
@@ -207,12 +210,18 @@ def test_the_runs_training_photos_are_not_used_by_default(plain_run, photo_folde
 
 @pytest.mark.end_to_end
 def test_photos_of_different_sizes_at_native_resolution_are_attacked_at_a_common_size(plain_run, photo_folder,
-                                                                                       tmp_path):
-    """--size 0 judges every photo at its own size; attacks batch them centre-cropped to the smallest one."""
+                                                                                       tmp_path, capsys):
+    """--size 0 judges every photo at its own size; attacks batch them centre-cropped to the smallest one.
+    Detection's figures are printed before the attacks start, as the final summary prints them."""
     results = evaluate.main(["--checkpoint", str(plain_run), "--data_path", str(photo_folder), "--all_images",
                              "--out", str(tmp_path), "--quick", "--size", "0", "--device", "cpu", "--eps", "8",
                              "--attack_images", "3", "--max_images", "3"])
     assert results["settings"]["photos"] == 12 and results["table3"]["images"] == 3
+    captured = capsys.readouterr()
+    block = captured.err.split("== detection done")[1]
+    early = block[:block.index("\n", block.index("   PSNR"))].splitlines()[1:]  # up to the PSNR line
+    assert early[0].startswith("   no corruption: clean") and len(early) >= 3
+    assert all(line in captured.out.splitlines() for line in early)
     parts = [torch.rand(1, 3, 41, 57), torch.rand(2, 3, 44, 59)]
     crops = common_size(parts)
     assert crops.shape == (3, 3, 41, 57)

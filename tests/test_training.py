@@ -107,6 +107,8 @@ def test_init_from_fine_tunes_from_a_model_at_step_zero(tmp_path, photo_folder, 
     assert "fine-tuning from" in capsys.readouterr().out
     encoder, scanner, config = load_pretrained(tmp_path / "tuned" / "model")
     assert config["step"] == 1 and encoder.config == base_encoder.config
+    recorded = json.loads((tmp_path / "tuned" / "args.json").read_text())
+    assert recorded["encoder_width"] == 0.5 and recorded["architecture"]["encoder"]["width"] == base_encoder.config.width
     for tuned, base in ((encoder, base_encoder), (scanner, base_scanner)):
         for (name, a), b in zip(tuned.state_dict().items(), base.state_dict().values()):
             assert torch.allclose(a.float(), b.float(), atol=1e-6), name
