@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("adversarial attacks (Table 3)")
     a.add_argument("--attack_images", type=non_negative_int, default=None,
                    help=f"photos attacked, each clean and stamped (default {FULL['attack_images']}; "
-                        f"{QUICK['attack_images']} quick; 0 skips Table 3)")
+                        f"{QUICK['attack_images']} quick; 0 skips Table 3, not certification: "
+                        "--certify_images 0 skips that)")
     a.add_argument("--eps", default="2,4,8,16,32", help="L∞ budgets in /255 units, comma-separated")
     a.add_argument("--apgd_iters", type=positive_int, default=None,
                    help="APGD-CE iterations (default: the paper's 100; few with --quick)")

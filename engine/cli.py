@@ -278,6 +278,10 @@ def add_aug_flags(parser: argparse.ArgumentParser, group) -> None:
                "'stochastic'; --aug_prob: the same flag)")
     group.add_argument("--augs", default="all",
                        help=f"the stochastic chain's corruptions, comma-separated, or 'all': {', '.join(CORRUPTIONS)}")
+    group.add_argument("--aug_downscale", type=probability, default=1.0, metavar="SMALLEST",
+                       help="before the chain, shrink the augmented pair (each side × one factor U(SMALLEST, 1) per "
+                            "batch, antialiased) and do not scale it back, so that the scanner learns the stamp of a "
+                            "photo a platform downscaled before recompressing it; 1 = off, as the original")
 
 
 def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:

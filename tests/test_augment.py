@@ -315,6 +315,37 @@ def test_plain_da_corrupts_the_clean_and_the_stamped_halves_in_separate_calls():
     assert torch.equal(chain.calls[0][0], pair[:2]) and torch.equal(chain.calls[1][0], pair[2:])
 
 
+def test_aug_downscale_shrinks_the_pair_once_per_batch_before_the_chain():
+    """--aug_downscale 0.5: the chain receives the whole pair shrunk by one factor f = U(0.5, 1) (kornia's antialiased
+    rescale, not scaled back), drawn from torch's generator; the plain-DA view splits that same shrunk pair."""
+    import kornia
+    from augment.view import augmented_view
+    pair = _photo(h=64, w=96, batch=4)
+    sizes = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        factor = 0.5 + 0.5 * float(torch.rand(()))
+        expected = kornia.geometry.transform.rescale(pair, factor, antialias=True)
+        chain = _RecordingChain()
+        torch.manual_seed(seed)
+        (v,) = augmented_noisy_view(chain, std=0.0, aug_start=0, aug_end=0, downscale=0.5)(pair, 1)
+        ((seen, _),) = chain.calls
+        assert torch.equal(seen, expected) and v.images.shape == expected.shape
+        assert 32 <= seen.shape[-2] < 64 and abs(seen.shape[-1] - 96 * factor) <= 1
+        sizes.add(seen.shape[-2])
+        chain = _RecordingChain()
+        torch.manual_seed(seed)
+        augmented_view(chain, downscale=0.5)(pair, 0)
+        assert torch.equal(torch.cat([x for x, _ in chain.calls]), expected)
+    assert len(sizes) > 1  # a new factor every batch
+    chain = _RecordingChain()
+    augmented_noisy_view(chain, std=0.0, aug_start=0, aug_end=0)(pair, 1)  # default: off, the pair as it is
+    assert torch.equal(chain.calls[0][0], pair)
+    _, args, views = train_rs_aug.parse(["--run_name", "r", "--recipe", "robust", "--aug_downscale", "0.6",
+                                         "--aug_start", "0", "--aug_end", "0"])
+    assert args.aug_downscale == 0.6 and views(pair, 1)[-1].images.shape[-1] < 96
+
+
 @pytest.mark.parametrize("recipe, names", [("robust", ["plain", "noisy", "aug"]), ("original", ["noisy", "aug"])])
 def test_train_rs_aug_views_and_their_weights(recipe, names):
     """The views train_rs_aug.py trains on, in order, with their weights: the plain pair (robust only) and the noisy
