@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -19,6 +20,8 @@ ENCODER_NAME = "encoder.safetensors"
 SCANNER_NAME = "scanner.safetensors"
 #: scan.py's threshold, written by evaluate.py --write_calibration
 CALIBRATION_NAME = "calibration.json"
+#: where save_pretrained moves a calibration.json made for weights it has just replaced
+STALE_CALIBRATION_NAME = "calibration.stale.json"
 
 
 def config_from_dict(cls, values: dict, source: str):
@@ -38,6 +41,7 @@ def save_pretrained(directory, encoder: StampEncoder, scanner: Scanner, extra: d
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    previous = _recorded_digests(directory / CONFIG_NAME)
     digests = {}
     for module, name in ((encoder, ENCODER_NAME), (scanner, SCANNER_NAME)):
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -48,7 +52,23 @@ def save_pretrained(directory, encoder: StampEncoder, scanner: Scanner, extra: d
     config = {"encoder": asdict(encoder.config), "scanner": asdict(scanner.config), **(extra or {}),
               "sha256": digests}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    calibration = directory / CALIBRATION_NAME
+    if calibration.is_file() and previous != digests:
+        # A continued training re-exports into the folder that evaluate.py --write_calibration wrote into: that
+        # threshold was measured on the previous weights, and scan.py would use it for these without a word.
+        stale = directory / STALE_CALIBRATION_NAME
+        os.replace(calibration, stale)
+        warnings.warn(f"{calibration}: made for the previous weights; moved to {stale.name} (run evaluate.py "
+                      f"--write_calibration again)", stacklevel=2)
     return directory
+
+
+def _recorded_digests(config_path: Path) -> dict | None:
+    """The "sha256" entry of an existing config.json; None when there is none or it cannot be read."""
+    try:
+        return json.loads(config_path.read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def pretrained_dir(path) -> Path:

@@ -129,6 +129,22 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
         assert torch.equal(scanner.eval()(x), scanner2(x))
 
 
+def test_saving_new_weights_moves_a_calibration_of_the_old_ones_aside(tmp_path):
+    """A threshold calibrated on the previous weights must not be read for new ones (a continued training
+    re-exports into the same folder); saving the same weights again keeps it."""
+    encoder, scanner = StampEncoder(TINY_ENCODER), Scanner(ScannerConfig("narrow"))
+    save_pretrained(tmp_path, encoder, scanner)
+    (tmp_path / "calibration.json").write_text('{"threshold": 0.9}')
+    save_pretrained(tmp_path, encoder, scanner, extra={"step": 2})
+    assert (tmp_path / "calibration.json").read_text() == '{"threshold": 0.9}'
+    with torch.no_grad():
+        scanner.fc.bias.add_(1.0)
+    with pytest.warns(UserWarning, match="calibration.json: made for the previous weights"):
+        save_pretrained(tmp_path, encoder, scanner)
+    assert not (tmp_path / "calibration.json").exists()
+    assert (tmp_path / "calibration.stale.json").read_text() == '{"threshold": 0.9}'
+
+
 def test_load_pretrained_refuses_mismatched_config_naming_the_file(tmp_path):
     save_pretrained(tmp_path, StampEncoder(TINY_ENCODER), Scanner(ScannerConfig("narrow")))
     config = json.loads((tmp_path / "config.json").read_text())
