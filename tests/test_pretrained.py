@@ -132,11 +132,7 @@ def test_shipped_model_reports_broken_files_and_goes_on(photos, tmp_path, capsys
     assert records["camera.png"]["verdict"] == "clean"
 
 
-@pytest.mark.parametrize("name", [pytest.param("baseline", marks=pytest.mark.xfail(strict=True, reason=(
-    "target not reached yet: at its backed calibration (threshold 7.04) the baseline reads all 15 clean photos "
-    "clean, also after JPEG q75 4:2:0, and catches all 15 stamped ones, but after JPEG q75 4:2:0 misses three grey "
-    "ones (brick, cell, moon); on bsds400 it catches 100% after the same JPEG; its card and "
-    "docs/models.md"))), "rs/sigma_0.25", "rs_aug",
+@pytest.mark.parametrize("name", ["baseline", "rs/sigma_0.25", "rs_aug",
     *[pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=(
         "the stamp does not survive stamp.py's working-resolution round trip (residual made at 512 px, upsampled "
         "to the photo, downscaled again by scan.py): on the five photos over 512 px (cell, coffee, motorcycle_left, "
