@@ -284,6 +284,24 @@ def smoothed_entry(arch: str, hw: tuple[int, int], n: int, batch: int, device, s
     return run, count
 
 
+def scan_entry(model: str, image: torch.Tensor, device):
+    """scan.py's verdict on one JPEG file (quality 90) of `image` with a shipped model at its shipped calibration
+    (product.scanning.PhotoScanner at scan.py's defaults): decode, working size, judge. A fresh noise seed per run,
+    as scan.py draws one from the operating system."""
+    import tempfile
+
+    from product.scanning import PhotoScanner, ScanSettings
+
+    pixels = (image.permute(1, 2, 0) * 255).round().byte().numpy()
+    path = os.path.join(tempfile.mkdtemp(prefix="bench_scan_"), "photo.jpg")
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+    scanner = PhotoScanner(ScanSettings(model=model, device=str(device)), log=lambda *_: None)
+
+    def run():
+        scanner(path)
+    return run, 1
+
+
 def jpeg_entry(image: torch.Tensor):
     """Pillow decoding one JPEG (quality 90) of `image` to RGB pixels: the yardstick."""
     pixels = (image.permute(1, 2, 0) * 255).round().byte().numpy()
@@ -297,6 +315,10 @@ def jpeg_entry(image: torch.Tensor):
 
 
 # ------------------------------------------------------------------------------------------------ main
+#: The shipped models whose scan.py verdict is timed: the plain scanner, and the smoothed one at its operating point.
+SCAN_MODELS = ("pretrained_models/baseline", "pretrained_models/rs_aug")
+
+
 def machine(device: torch.device) -> str:
     text = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if device.type == "cuda":
@@ -348,6 +370,10 @@ def entries(s: dict, device, photos):
         out.append((f"smoothed verdicts at {s['working'][1]}×{s['working'][0]} ({how}, {s['arch']})", "img/s",
                     lambda after, sequential=sequential: smoothed_entry(
                         s["arch"], s["working"], s["smooth_n"], s["certify_batch"], device, sequential, photos)))
+    photo = (s["working"][0] * 321 // 341, s["working"][1] * 481 // 512)  # a bsds400 photo: 481×321
+    for model in SCAN_MODELS:
+        out.append((f"scan.py on one {photo[1]}×{photo[0]} JPEG file, {model} at its shipped calibration", "s/img",
+                    lambda after, model=model: scan_entry(model, resized(photos[0], photo), device)))
     for hw in ((size, size), s["working"], s["stamp_sizes"][-1]):
         out.append((f"Pillow JPEG decode, {hw[1]}×{hw[0]} (yardstick, 1 core)", "img/s",
                     lambda after, hw=hw: jpeg_entry(resized(photos[0], hw))))

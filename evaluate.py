@@ -51,7 +51,11 @@ from report.paper import model_kind, setting_differences
 from report.plots import write_plots
 from report.tables import render_markdown, write_csvs
 from smoothing import Smooth
-from stamp import fit_pixels, to_working
+from product.pipelines import PIPELINES, QUICK_PIPELINES
+from product.scanning import PhotoScanner, ScanSettings, draw_seed
+from product.stage import ProductStage, StageSettings, calibration_record, product_summary
+from product.stage import render as render_product
+from product.stamping import DEFAULT_WORKING_SIZE, fit_pixels, to_working
 from smoothing.certify import RADII, certified_accuracy, certify_labelled, resolve_model, write_tsv
 
 #: --quick: seconds to minutes on a CPU
@@ -109,10 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing results.json in --out (and MODEL/calibration.json)")
     p.add_argument("--write_calibration", action="store_true",
-                   help="also write MODEL/calibration.json: the FPR ≤ 1%% operating point (threshold, score kind, "
-                        "σ), which scan.py then uses as its threshold")
+                   help="also write MODEL/calibration.json, which scan.py then judges by: the product stage "
+                        "(turned on by this flag) chooses the rule's threshold (a smoothed scanner: its margin) on "
+                        "the photos as stamped for FPR ≤ 1%%, and verifies it under scan.py's own rule")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--seed", type=int, default=0, help="seed of corruptions, noise and attacks")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of corruptions, noise and attacks, for a repeatable run (default: drawn from the "
+                        "operating system and recorded in results.json)")
     p.add_argument("--forwarding", choices=("on", "off"), default="on",
                    help="on: also Table 1b, forwarding: detection after what a messaging app does to a photo, real "
                         "codecs on the photo saved as 8-bit pixels (JPEG quality 60 and 75 with 4:2:0 chroma, WebP "
@@ -120,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "of each side then JPEG quality 85), clean and stamped photos alike, judged at the size "
                         "they arrive at (fitted again for a fixed-size network) and scored as Table 1 is under "
                         "each protocol; in --quick too. off: skip it")
+
+    pr = p.add_argument_group("the product stage: stamp.py → platform pipelines → scan.py (product.stage)")
+    pr.add_argument("--product", choices=("off", "on", "only"), default="off",
+                    help="on: also the product stage: photos stamped as stamp.py stamps, saved as 8-bit files, sent "
+                         "through each platform pipeline (product.pipelines: JPEG, WebP, resizing, crops, "
+                         "screenshots), clean and stamped alike, and judged as scan.py judges at its defaults (the "
+                         "model's calibration); only: that stage alone (product.md, product.json, visibility.png); "
+                         "--write_calibration turns it on")
+    pr.add_argument("--product_sizes", default="1,0.5,2,4",
+                    help="photo sizes, as factors on each side (Lanczos): 1 = the photos as they are, 0.5 = small web "
+                         "images, 2 and 4 = larger than stamp.py's working size (--quick: 1)")
+    pr.add_argument("--product_photos", type=positive_int, default=50,
+                    help="how many photos (the first ones) are rescaled to each size other than 1")
+    pr.add_argument("--calibration_copies", type=positive_int, default=16,
+                    help="noisy copies whose median logit margin is a smoothed scanner's calibration score of a "
+                         "photo after a pipeline")
 
     s = p.add_argument_group("smoothing (for scanners trained with train_rs*.py)")
     s.add_argument("--judge", choices=["auto", "plain", "smoothed"], default="auto",
@@ -165,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _factor_list(text: str) -> tuple[float, ...]:
+    """--product_sizes: comma-separated positive factors → a tuple (ValueError naming the flag when bad)."""
+    try:
+        factors = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        factors = ()
+    if not factors or any(not (math.isfinite(f) and f > 0) for f in factors):
+        raise ValueError(f"--product_sizes {text!r}: give positive factors separated by commas, e.g. 1,0.5,2,4")
+    return factors
+
+
 def _eps_list(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) / 255 for v in text.split(",") if v.strip())
@@ -189,13 +223,17 @@ def _same_data(a, b) -> bool:
 class Evaluation:
     """The stages of one evaluation; run() drives them and returns the results dict."""
 
-    STAGES = ["load", "detection and imperceptibility", "calibration", "adversarial attacks", "certification",
-              "original protocol", "write"]
+    STAGES = ["load", "detection and imperceptibility", "calibration", "product", "adversarial attacks",
+              "certification", "original protocol", "write"]
     #: the stages after detection that can take long: detection's figures are printed before them
-    LONG_STAGES = ("adversarial attacks", "certification", "original protocol")
+    LONG_STAGES = ("product", "adversarial attacks", "certification", "original protocol")
 
     def __init__(self, args, log=print):
         self.args, self.log = args, log
+        args.seed = draw_seed(args.seed)  # recorded in results.json: --seed repeats the run
+        if args.write_calibration and args.product == "off":
+            args.product = "on"  # the calibration is made, and verified, by the product stage
+        self.product_sizes = _factor_list(args.product_sizes) if not args.quick else (1.0,)
         defaults = QUICK if args.quick else FULL
         for key, value in defaults.items():
             if getattr(args, key, None) is None:
@@ -245,9 +283,10 @@ class Evaluation:
         # the original code's networks take 400×400 only: photos are fitted to that, not tiled
         self.fit = self.scanner.input_size or (None if self.scanner_only else self.encoder.input_size)
         paths = resolve_image_paths(args.data_path, log=self.log)
+        self.paths = paths  # replaced by the held-out split below when the run trained on these photos
         self.data_text = str(args.data_path or "the scikit-image sample photos")
         if self.run_args and not args.all_images and _same_data(args.data_path, self.run_args.get("train_path")):
-            paths = split_files(paths, seed=self.run_args.get("split_seed", 0)).test
+            paths = self.paths = split_files(paths, seed=self.run_args.get("split_seed", 0)).test
             self.data_text += f" (the run's held-out test split: {', '.join(p.name for p in paths[:6])}" + \
                               (", ..." if len(paths) > 6 else "") + ")"
             self.log(f"evaluating on the run's held-out test split of its training data: {len(paths)} photos "
@@ -397,6 +436,26 @@ class Evaluation:
         }
         self.calibration_["auc"] = self.calibration_["roc"]["auc"]
 
+    def product(self):
+        """The product stage (product.stage): stamp.py → platform pipelines → scan.py, judged by scan.py's own
+        PhotoScanner at its defaults (the model's calibration; with --write_calibration, the one chosen here)."""
+        args = self.args
+        settings = ScanSettings(model=str(args.checkpoint), device=args.device, seed=args.seed,
+                                working_size=DEFAULT_WORKING_SIZE if args.working_size is None else args.working_size,
+                                sigma=self.sigma, plain=self.sigma is None,
+                                n=args.predict_n if args.quick else None)  # --quick: small n, as its other stages
+        scanner = PhotoScanner(settings, self.log, calibration=not args.write_calibration,
+                               loaded=(self.model_dir, self.run_dir, self.run_args, self.encoder, self.scanner,
+                                       self.config))
+        count = len(self.paths) if args.max_images is None else min(args.max_images, len(self.paths))
+        stage = ProductStage(scanner, self.paths[:count], StageSettings(
+            sizes=self.product_sizes, other_photos=args.product_photos, calibrate=args.write_calibration,
+            pipelines=QUICK_PIPELINES if args.quick else tuple(PIPELINES),
+            calibration_copies=args.calibration_copies), log=self.log, lpips_model=self.lpips)
+        self.product_ = stage.run()
+        self.product_figure = stage.figure(self.product_, self.out / "visibility.png")
+        tqdm.write(render_product(self.product_), file=sys.stderr)
+
     def attacks(self):
         args = self.args
         clean, stamped = self.pass_["kept"]
@@ -489,6 +548,7 @@ class Evaluation:
             "calibration": getattr(self, "calibration_", None),
             "certification": getattr(self, "certification_", None),
             "original": getattr(self, "original_", None),
+            "product": getattr(self, "product_", None),
             "paper": self.paper(size_text),
         }
 
@@ -514,6 +574,8 @@ class Evaluation:
                   and not (s == "certification" and (not self.sigma or self.args.certify_images == 0
                                                      or not self.strict))
                   and not (s == "original protocol" and not self.original)
+                  and not (s == "product" and (self.args.product == "off" or self.scanner_only))
+                  and not (self.args.product == "only" and s not in ("load", "product", "write"))
                   # stamped photos need an encoder
                   and not (self.scanner_only and s in ("calibration", "adversarial attacks", "certification",
                                                        "original protocol"))]
@@ -530,28 +592,73 @@ class Evaluation:
                                file=sys.stderr)
             elif stage == "calibration":
                 self.calibration()
+            elif stage == "product":
+                self.product()
             elif stage == "adversarial attacks":
                 self.attacks()
             elif stage == "certification":
                 self.certification()
             elif stage == "original protocol":
                 self.original_protocol()
+            elif self.args.product == "only":
+                results = self.product_results(time.time() - t0)
+                files = self.write_product(results)
             else:
                 results = self.results(time.time() - t0)
                 files = self.write(results)
         bar.close()
-        self.summary(results, files)
+        if self.args.product == "only":
+            self.log(f"\n== product stage of {self.model_dir} in {results['settings']['seconds']:.0f} s: "
+                     + product_summary(results["product"]) + f"\n   wrote {len(files)} files to {self.out}/")
+        else:
+            self.summary(results, files)
         return results
 
     # ---------------------------------------------------------------- outputs
+    def product_results(self, seconds: float) -> dict:
+        """results.json of --product only: the settings that apply, and the product stage's results."""
+        args = self.args
+        return {"settings": {"model": str(self.model_dir), "run": str(self.run_dir) if self.run_dir else None,
+                             "data": self.data_text, "photos": self.photos, "quick": args.quick, "seed": args.seed,
+                             "git_commit": git_commit(), "device": str(self.device), "seconds": round(seconds, 1),
+                             "argv": sys.argv[1:]},
+                "product": self.product_}
+
+    def write_product(self, results: dict) -> list[Path]:
+        """product.md and visibility.png (and MODEL/calibration.json with --write_calibration); results.json too
+        with --product only."""
+        files = []
+        if self.args.product == "only":
+            (self.out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+            files.append(self.out / "results.json")
+        (self.out / "product.md").write_text(render_product(results["product"]))
+        files.append(self.out / "product.md")
+        if self.product_figure is not None:
+            files.append(self.product_figure)
+        if self.args.write_calibration:
+            record = calibration_record(results["product"], evaluated=_shown(self.out / "results.json"),
+                                        data=self.data_text, git_commit=git_commit(), quick=self.args.quick)
+            path = self.model_dir / CALIBRATION_NAME
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
+            tmp.replace(path)
+            files.append(path)
+            self.log(f"wrote {path}: " + ("backed" if record["backed"] else "NOT backed") +
+                     f", {record['false_positives']} of {record['n_clean']} clean photos flagged under scan.py's rule "
+                     f"(FPR ≤ {100 * record['fpr_upper_bound']:.2f}% at 95%), {100 * record['tpr']:.1f}% of stamped "
+                     f"photos caught")
+        return files
+
     def write(self, results: dict) -> list[Path]:
         (self.out / "results.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
         markdown = render_markdown(results)
+        if results["product"]:
+            markdown += "\n" + render_product(results["product"])
         (self.out / "tables.md").write_text(markdown)
         files = [self.out / "results.json", self.out / "tables.md", *write_csvs(results, self.out),
                  *write_plots(results, self.out)]
-        if self.args.write_calibration:
-            files.append(write_calibration(results, self.out / "results.json", self.model_dir / CALIBRATION_NAME))
+        if results["product"]:
+            files += self.write_product(results)
         with SummaryWriter(self.out / "tb") as writer:
             writer.add_text("eval/tables", markdown)
             for name, row in results["table1"].items():
@@ -683,22 +790,6 @@ def _shown(path: Path) -> str:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-def write_calibration(results: dict, results_path: Path, path: Path, target_fpr: float = 0.01) -> Path:
-    """Write the operating point for `target_fpr` (threshold on the score: STAMPED iff score > threshold) with
-    what scan.py needs to check that it judges the same kind of score: atomically, as JSON."""
-    point = next(p for p in results["calibration"]["operating_points"] if p["target_fpr"] == target_fpr)
-    s = results["settings"]
-    record = {"score": results["calibration"]["score"], "judge": "smoothed" if s["sigma"] else "plain",
-              "sigma": s["sigma"], **point, "evaluated": _shown(results_path), "size": s["size"],
-              "working_size": s.get("working_size"), "fitted_to": s.get("fitted_to"),
-              "size_text": s["size_text"], "data": s["data"], "images": s["images"], "quick": s["quick"],
-              "predict_n": s["predict_n"] if s["sigma"] else None, "alpha": s["alpha"], "git_commit": s["git_commit"]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def main(argv=None) -> dict:

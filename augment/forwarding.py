@@ -10,6 +10,8 @@ exact round trips through Pillow, for evaluation only:
   photo stays smaller, as it arrives.
 - `CentreCrop(fraction)`: the central `fraction` of each side (rounded to whole pixels; so fraction² of the
   area), cut out without resampling.
+- `LongSide(pixels)`, `Resample(factor)`, `CropAspect(w, h)`, `PNG()`: a platform's upload size (shrink only),
+  a display's scaling before a screenshot, a portrait crop, a lossless file (product.pipelines uses them).
 
 A `Forwarding` chains them on a batch (B,3,H,W) in [0,1]: each image is first quantised to 8 bits exactly as a
 saved file is (augment.corruptions.to_pixels, the code path of the real-JPEG corruption), then goes through
@@ -90,6 +92,67 @@ class CentreCrop:
     def describe(self) -> str:
         return (f"centre crop to {100 * self.fraction:g}% of each side ({100 * self.fraction ** 2:g}% of the area; "
                 f"sides rounded to whole pixels, no resampling)")
+
+
+@dataclass(frozen=True)
+class LongSide:
+    """Shrink so that the long side is `pixels` (Lanczos, antialiased), as a platform sizes uploads; a photo whose
+    long side is not larger is left as it is (platforms do not upscale)."""
+    pixels: int
+
+    def __call__(self, pixels: Pixels) -> Pixels:
+        h, w = pixels.shape[:2]
+        if max(h, w) <= self.pixels:
+            return pixels
+        return Downscale(self.pixels / max(h, w))(pixels)
+
+    def describe(self) -> str:
+        return f"long side shrunk to {self.pixels} px if longer (Pillow's LANCZOS, antialiased)"
+
+
+@dataclass(frozen=True)
+class Resample:
+    """Each side × `factor` with Pillow's BILINEAR filter (antialiased when shrinking), as a screen shows a photo
+    scaled by the display before a screenshot grabs it; up or down."""
+    factor: float
+
+    def __call__(self, pixels: Pixels) -> Pixels:
+        h, w = pixels.shape[:2]
+        size = (scaled_side(w, self.factor), scaled_side(h, self.factor))
+        return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR)).copy()
+
+    def describe(self) -> str:
+        return f"resampled ×{self.factor:g} (Pillow's BILINEAR, as a display scales it)"
+
+
+@dataclass(frozen=True)
+class CropAspect:
+    """The largest centred crop with width:height = `width`:`height` (e.g. 4:5, a portrait post), no resampling."""
+    width: int
+    height: int
+
+    def __call__(self, pixels: Pixels) -> Pixels:
+        h, w = pixels.shape[:2]
+        if w * self.height > h * self.width:  # too wide: keep the height
+            ch, cw = h, max(1, round(h * self.width / self.height))
+        else:
+            ch, cw = max(1, round(w * self.height / self.width)), w
+        top, left = (h - ch) // 2, (w - cw) // 2
+        return pixels[top:top + ch, left:left + cw].copy()
+
+    def describe(self) -> str:
+        return f"centred crop to aspect {self.width}:{self.height} (no resampling)"
+
+
+@dataclass(frozen=True)
+class PNG:
+    """A lossless PNG round trip (a screenshot's file): the pixels as they are, through the real codec."""
+
+    def __call__(self, pixels: Pixels) -> Pixels:
+        return encode_decode(pixels, "PNG", compress_level=1)
+
+    def describe(self) -> str:
+        return "PNG (lossless)"
 
 
 class Forwarding:

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from engine.cli import HelpFormatter, non_negative_int, positive_int
 from models import STAMPED
-from scan import PhotoScanner
-from scan import build_parser as scan_parser
-from stamp import expand_inputs, load_model, pixels_to_tensor, read_pixels, stamp_pixels
+from product.files import expand_inputs, pixels_to_tensor, read_pixels
+from product.scanning import PhotoScanner, ScanSettings
+from product.stamping import stamp_pixels
 
 
 def shifted_crops(pixels: np.ndarray, rows: list[int], columns: list[int]):
@@ -81,14 +81,12 @@ def run(args, out=None, err=None) -> dict:
         raise ValueError(f"--json {args.json}: must be a .json file")
     if args.json is not None and args.json.exists():
         raise ValueError(f"--json {args.json}: already exists; remove it or name another file")
-    # scan.py's own settings for these flags; "-" stands for its INPUT, which is never read here
-    scan_args = scan_parser().parse_args(["--model", args.model, "--working_size", "0", "--n", str(args.n),
-                                          "--seed", str(args.seed), "--device", args.device, "-"])
-    scanner = PhotoScanner(scan_args, log)
+    scanner = PhotoScanner(ScanSettings(model=args.model, working_size=0, n=args.n, seed=args.seed,
+                                        device=args.device), log)
     if scanner.fit:
         raise ValueError(f"{args.model}: a scanner fixed at {scanner.fit}×{scanner.fit} resamples every photo; "
                          "shifts of its pixel grid mean nothing")
-    *_, encoder, _, _ = load_model(args.model, scanner.device)
+    encoder = scanner.encoder
     if encoder is None:
         raise ValueError(f"{args.model}: a scanner-only folder, no encoder to stamp with")
     items = expand_inputs(args.inputs)

@@ -303,10 +303,25 @@ class Smooth:
         return c_a, self.sigma * float(norm.ppf(p_a))
 
     # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
     def _sample_counts(self, x: torch.Tensor, num: int, batch_size: int,
                        generator: torch.Generator | None = None) -> torch.Tensor:
-        """How often the scanner picks each class on `num` noisy copies of x → int64 CPU tensor (C,).
+        """How often the scanner picks each class on `num` noisy copies of x → int64 CPU tensor (C,)."""
+        counts = None
+        for logits in self._noisy_logits(x, num, batch_size, generator):
+            part_counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
+            counts = part_counts if counts is None else counts + part_counts
+        return counts.cpu()
+
+    def noisy_logits(self, x: torch.Tensor, num: int, batch_size: int = 400,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """The scanner's logits on `num` noisy copies x + N(0, σ²) of one image x → float32 CPU (num, C): what the
+        counts are made of, for a score finer than a vote (scan.py's calibration takes the median logit margin)."""
+        num, batch_size = _check_count("num", num), _check_count("batch_size", batch_size)
+        return torch.cat([logits.float().cpu() for logits in self._noisy_logits(x, num, batch_size, generator)])
+
+    @torch.no_grad()
+    def _noisy_logits(self, x: torch.Tensor, num: int, batch_size: int, generator: torch.Generator | None = None):
+        """Yield the scanner's logits on `num` noisy copies of x, chunk after chunk.
 
         The copies are drawn batch_size at a time, into one buffer reused for every batch, so at most batch_size
         noisy images (not num) are in memory at once. The scanner classifies each batch in chunks of at most
@@ -330,7 +345,6 @@ class Smooth:
         was_training = self.scanner.training
         self.scanner.eval()
         try:
-            counts = None
             remaining = num
             while remaining > 0:
                 this = min(batch_size, remaining)
@@ -343,10 +357,7 @@ class Smooth:
                     if on_cpu:
                         part = part.contiguous(memory_format=torch.channels_last)
                     with full_precision(device):  # fp32 even inside a caller's autocast
-                        logits = self.scanner(part)
-                    part_counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
-                    counts = part_counts if counts is None else counts + part_counts
+                        yield self.scanner(part)
                 remaining -= this
         finally:
             self.scanner.train(was_training)
-        return counts.cpu()

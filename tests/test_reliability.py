@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 import engine.training
 import evaluate
+import product.scanning
 import scan
 import stamp
 import train
@@ -519,8 +520,8 @@ def test_scan_holds_one_image_at_a_time(tiny_model, tmp_path, monkeypatch, capsy
             return value
         return wrapper
 
-    monkeypatch.setattr(scan, "read_pixels", tracked(scan.read_pixels))
-    monkeypatch.setattr(scan, "pixels_to_tensor", tracked(scan.pixels_to_tensor))
+    monkeypatch.setattr(product.scanning, "read_pixels", tracked(product.scanning.read_pixels))
+    monkeypatch.setattr(product.scanning, "pixels_to_tensor", tracked(product.scanning.pixels_to_tensor))
     code, out, _ = cli(scan.main, ["--model", tiny_model, folder, *WS, "--device", "cpu"], capsys)
     assert code == 0 and len(out.splitlines()) == 40 and len(alive) == 80
     assert most[0] <= 2  # this image's pixels and tensor; nothing of the images before

@@ -10,10 +10,11 @@ from PIL import Image
 from scipy.stats import beta, norm
 from torch import nn
 
+import product.scanning
 import scan
 from conftest import cli
 from models import STAMPED, Scanner, ScannerConfig, StampEncoder, StampEncoderConfig, save_pretrained
-from smoothing import Smooth, lower_confidence_bound
+from smoothing import ABSTAIN, Smooth, lower_confidence_bound
 from smoothing.core import threshold_radius
 
 SIGMA = 0.25
@@ -35,11 +36,13 @@ def folders(tmp_path_factory):
 
 
 def calibrate(folder, **keys):
-    """Write folder/calibration.json in evaluate.py's write_calibration schema (with its new keys)."""
-    smoothed = "predict_n" in keys
-    record = {"score": scan.SMOOTHED_SCORE if smoothed else scan.PLAIN_SCORE, "judge": "smoothed" if smoothed
-              else "plain", "sigma": SIGMA if smoothed else None, "target_fpr": 0.01, "threshold": 0.5 if smoothed
-              else 0.0, "n_clean": 10, "backed": False, "alpha": 0.001, "predict_n": None, **keys}
+    """Write folder/calibration.json in the schema of product.stage.calibration_record (the keys scan.py reads)."""
+    smoothed = "n" in keys
+    record = {"rule": scan.RULE, "score": scan.SMOOTHED_SCORE if smoothed else scan.PLAIN_SCORE,
+              "judge": "smoothed" if smoothed else "plain", "sigma": SIGMA if smoothed else None, "target_fpr": 0.01,
+              "threshold": 0.5 if smoothed else 0.0, "margin": 0.0 if smoothed else None, "n_clean": 10,
+              "backed": False, "alpha": 0.001, "sequential": True if smoothed else None, "working_size": 512,
+              "fitted_to": None, **keys}
     (folder / "calibration.json").write_text(json.dumps(record))
     return folder / "calibration.json"
 
@@ -52,53 +55,54 @@ def run_scan(folder, photo, capsys, *flags):
     return json.loads(out), [line for line in err.splitlines() if line.startswith("note:")]
 
 
-def test_a_calibration_with_another_n_and_working_size_is_named_in_one_line(folders, capsys):
+def test_scan_at_its_defaults_judges_by_the_calibrations_own_settings(folders, capsys):
+    """n, alpha, looks and margin come from the calibration: no note at scan.py's defaults."""
+    smoothed, plain, photo = folders
+    calibrate(smoothed, n=40, alpha=0.01, sequential=False, margin=1.5, working_size=64)
+    record, notes = run_scan(smoothed, photo, capsys, "--working_size", "64")
+    assert notes == [] and record["calibrated"] is True and "calibration_differs" not in record
+    assert (record["n"], record["n_used"], record["margin"]) == (40, 40, 1.5)  # sequential off: all 40 copies
+    calibrate(plain, threshold=2.5)
+    record, notes = run_scan(plain, photo, capsys)  # --working_size defaults to 512, as the calibration's
+    assert notes == [] and (record["calibrated"], record["threshold"]) == (True, 2.5)
+    assert record["verdict"] == ("stamped" if record["score"] > 2.5 else "clean")
+
+
+def test_settings_unlike_the_calibrations_are_named_in_one_line(folders, capsys):
     smoothed, _, photo = folders
-    path = calibrate(smoothed, predict_n=1000, working_size=64, fitted_to=None, size=None)
-    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "32")
-    assert notes == [f"note: {path} was made with n 1000 at working size 64; scan.py uses n 20 at working size "
-                     f"32: the calibrated false-positive rate may not hold"]
-    assert record["calibrated"] is True and record["calibration_differs"] == ["n", "working_size"]
-    # only n differs
-    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "64")
-    assert len(notes) == 1 and "with n 1000;" in notes[0] and "uses n 20:" in notes[0]
-    assert record["calibration_differs"] == ["n"]
+    path = calibrate(smoothed, n=1000, working_size=64)
+    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "32", "--alpha", "0.01")
+    assert notes == [f"note: {path} was made with n 1000, alpha 0.001, at working size 64; scan.py judges with "
+                     f"n 20, alpha 0.01, at working size 32: the calibrated false-positive rate may not hold"]
+    assert record["calibrated"] is True and record["calibration_differs"] == ["n", "alpha", "working_size"]
+    record, notes = run_scan(smoothed, photo, capsys, "--sequential", "off", "--n", "20", "--working_size", "64")
+    assert record["calibration_differs"] == ["n", "sequential"] and len(notes) == 1
 
 
-def test_a_calibration_that_matches_is_not_reported(folders, capsys):
+def test_a_calibration_made_under_another_rule_is_refused(folders, capsys):
+    """A calibration written before rules were recorded (evaluate.py's detection stage: another rule, another n)
+    or under another rule: scan.py refuses it in one line, and --threshold still scans."""
     smoothed, plain, photo = folders
-    calibrate(smoothed, predict_n=20, working_size=64, fitted_to=None, size=None)
-    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "64")
-    assert notes == [] and record["calibrated"] is True and "calibration_differs" not in record
-    # a calibration written before "working_size" existed, on whole photos at native resolution ("size" 0)
-    calibrate(smoothed, predict_n=20, size=0)
-    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "0")
-    assert notes == [] and "calibration_differs" not in record
-    # a plain scanner has no n to compare: its calibration's predict_n is null
-    calibrate(plain, working_size=512, fitted_to=None, size=None)
-    record, notes = run_scan(plain, photo, capsys)  # --working_size defaults to 512
-    assert notes == [] and record["calibrated"] is True and "calibration_differs" not in record
-
-
-def test_a_calibration_on_tiles_or_at_native_resolution_is_named(folders, capsys):
-    smoothed, plain, photo = folders
-    path = calibrate(plain, size=400)  # evaluate.py scored 400×400 tiles: no "working_size"
-    record, notes = run_scan(plain, photo, capsys, "--working_size", "512")
-    assert notes == [f"note: {path} was made on 400×400 tiles, not at a working resolution; scan.py scans at "
-                     f"working size 512: the calibrated false-positive rate may not hold"]
-    assert record["calibration_differs"] == ["working_size"]
-    calibrate(smoothed, predict_n=50, size=0, working_size=0)
-    _, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "512")
-    assert len(notes) == 1 and "made with n 50 at native resolution; scan.py uses n 20 at working size 512" in notes[0]
+    for folder in (smoothed, plain):
+        for rule in (None, "scan.py rule 1"):
+            path = calibrate(folder, rule=rule, **({"n": 20} if folder == smoothed else {}))
+            code, out, err = cli(scan, ["--model", folder, photo, "--device", "cpu"], capsys)
+            assert code == 2 and out == ""
+            assert err.strip().splitlines() == [
+                f"scan.py: error: {path}: made under another decision rule than scan.py's (its verdicts were "
+                f"{rule or 'judged before rules were recorded'}), so its false-positive rate does not hold for "
+                f"scan.py; recalibrate (evaluate.py --write_calibration) or pass --threshold"]
+        record, _ = run_scan(folder, photo, capsys, "--threshold", "0.5", "--n", "20")
+        assert record["threshold_source"] == "flag" and record["calibrated"] is False
 
 
 def test_settings_of_an_unused_calibration_are_not_compared(folders, capsys):
     smoothed, _, photo = folders
-    calibrate(smoothed, predict_n=1000, working_size=64, sigma=0.5)  # another σ: not used at all
+    calibrate(smoothed, n=1000, working_size=64, sigma=0.5)  # another σ: not used at all
     record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "32")
     assert record["calibrated"] is False and "calibration_differs" not in record
     assert len(notes) == 1 and "calibrates" in notes[0] and "uncalibrated" in notes[0]
-    calibrate(smoothed, predict_n=1000, working_size=64)  # --threshold wins: the calibration is not used
+    calibrate(smoothed, n=1000, working_size=64)  # --threshold wins: the calibration is not used
     record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "32", "--threshold", "0.5")
     assert notes == [] and "calibration_differs" not in record
 
@@ -115,38 +119,75 @@ def test_settings_of_an_unused_calibration_are_not_compared(folders, capsys):
 ])
 def test_a_calibration_is_used_only_for_its_own_score_and_sigma(tmp_path, made_score, made_sigma, sigma, used):
     score = scan.SMOOTHED_SCORE if made_score == "smoothed" else scan.PLAIN_SCORE
-    (tmp_path / "calibration.json").write_text(json.dumps({"score": score, "sigma": made_sigma, "threshold": 0.73,
-                                                           "target_fpr": 0.01, "backed": True}))
+    (tmp_path / "calibration.json").write_text(json.dumps({"rule": scan.RULE, "score": score, "sigma": made_sigma,
+                                                           "threshold": 0.73, "margin": 1.25, "target_fpr": 0.01,
+                                                           "backed": True}))
     notes = []
-    t = scan.resolve_threshold(None, tmp_path, sigma, log=notes.append)
+    t = scan.resolve_rule(None, None, tmp_path, sigma, log=notes.append)
     if used:
         assert (t.value, t.source, t.calibrated, t.text, notes) == (0.73, "calibration", True, "calibrated, FPR ≤ 1%", [])
+        assert t.margin == 1.25
     else:
         default = 0.5 if sigma is not None else 0.0
-        assert (t.value, t.source, t.calibrated) == (default, "default", False)
+        assert (t.value, t.margin, t.source, t.calibrated) == (default, 0.0, "default", False)
         assert len(notes) == 1 and "calibration.json calibrates" in notes[0]
         assert notes[0].endswith(f"using the uncalibrated threshold {default:g}")
 
 
-def test_scan_sigma_overriding_the_models_is_not_given_the_models_calibration(folders, capsys):
-    """The model was trained (and calibrated) at σ 0.25; --sigma 0.5 judges another smoothed classifier, and --plain
-    another kind of score: neither may use the σ 0.25 threshold."""
+@pytest.mark.parametrize("flags, message", [
+    (["--threshold", "0"], "--threshold 0: a smoothed scanner's score is a share of votes, and only a threshold "
+                           "strictly between 0 and 1 can be tested"),
+    (["--threshold", "1"], "--threshold 1: a smoothed scanner's score"),
+    (["--plain", "--margin", "1"], "--margin: applies to a smoothed scanner's base classifier only"),
+])
+def test_thresholds_no_test_can_decide_are_refused(folders, capsys, flags, message):
     smoothed, _, photo = folders
-    calibrate(smoothed, predict_n=20, working_size=64, threshold=0.9)
-    record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "64")
-    assert (record["calibrated"], record["threshold"], notes) == (True, 0.9, [])
-    for flags, threshold in ((["--sigma", "0.5"], 0.5), (["--plain"], 0.0)):
-        record, notes = run_scan(smoothed, photo, capsys, "--n", "20", "--working_size", "64", *flags)
-        assert (record["calibrated"], record["threshold"]) == (False, threshold), flags
-        assert len(notes) == 1 and "calibrates" in notes[0], flags
+    code, out, err = cli(scan, ["--model", smoothed, photo, "--device", "cpu", *flags], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_margin_is_the_base_classifiers(folders, capsys):
+    """A noisy copy votes stamped when the scanner's margin on it is above --margin: a margin below every copy's
+    margin gives a unanimous stamped vote, one above every copy's a unanimous clean vote."""
+    smoothed, _, photo = folders
+    low, _ = run_scan(smoothed, photo, capsys, "--margin=-1e6", "--n", "64", "--seed", "1")
+    high, _ = run_scan(smoothed, photo, capsys, "--margin", "1e6", "--n", "64", "--seed", "1")
+    assert (low["verdict"], low["score"], high["verdict"], high["score"]) == ("stamped", 1.0, "clean", 0.0)
+    assert low["threshold_source"] == "flag" and low["margin"] == -1e6
+
+
+def test_the_noise_seed_comes_from_the_os_unless_given(folders, capsys):
+    smoothed, _, photo = folders
+    seeds = {run_scan(smoothed, photo, capsys, "--n", "20")[0]["seed"] for _ in range(3)}
+    assert len(seeds) == 3  # 63 random bits each: equal draws would mean a fixed seed
+    code, _, err = cli(scan, ["--model", smoothed, photo, "--n", "20", "--device", "cpu"], capsys)
+    assert code == 0 and "noise seed " in err
+    given = [run_scan(smoothed, photo, capsys, "--n", "20", "--seed", "7", "--sequential", "off")[0]
+             for _ in range(2)]
+    assert given[0]["seed"] == given[1]["seed"] == 7 and given[0]["votes"] == given[1]["votes"]
+
+
+def test_the_scanners_scan_py_and_a_margin_scanner_agree_on_the_argmax():
+    """MarginScanner shifts the stamped logit only: its argmax is "margin > m"."""
+    from product.scanning import MarginScanner
+    torch.manual_seed(0)
+    scanner = Scanner(ScannerConfig("narrow")).eval()
+    x = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        logits = scanner(x)
+        margin = logits[:, STAMPED] - logits[:, 1 - STAMPED]
+        m = float(margin.median())
+        shifted = MarginScanner(scanner, m)(x)
+    assert torch.equal(shifted.argmax(1) == STAMPED, margin > m)
+    assert torch.equal(shifted[:, 1 - STAMPED], logits[:, 1 - STAMPED])
 
 
 def test_the_fitted_square_of_a_fixed_input_scanner_is_compared():
-    cal = {"fitted_to": 400, "working_size": None, "size": 400, "predict_n": None}
-    assert scan.calibration_differences(cal, None, ("fitted", 400)) == []
-    assert scan.calibration_differences({"working_size": 512}, None, ("fitted", 400)) == [
+    cal = {"fitted_to": 400, "working_size": None}
+    assert scan.calibration_differences(cal, {}, ("fitted", 400)) == []
+    assert scan.calibration_differences({"working_size": 512}, {}, ("fitted", 400)) == [
         ("working_size", "at working size 512", "on photos fitted to 400×400")]
-    assert scan.calibration_differences(cal, None, ("working", 512)) == [
+    assert scan.calibration_differences(cal, {}, ("working", 512)) == [
         ("working_size", "on photos fitted to 400×400", "at working size 512")]
 
 
@@ -161,7 +202,7 @@ def test_a_smoothed_verdict_abstains_unless_the_two_sided_test_against_the_thres
         two = binomtest(votes, n, t).pvalue
         one = binomtest(votes, n, t, alternative="greater" if votes > t * n else "less").pvalue
         one_sided_only += one <= alpha < two
-        expected = (STAMPED if votes > t * n else 1 - STAMPED) if two <= alpha else scan.ABSTAIN
+        expected = (STAMPED if votes > t * n else 1 - STAMPED) if two <= alpha else ABSTAIN
         assert scan.smoothed_verdict(votes, n, t, alpha) == expected, votes
         if t == 0.5:
             assert expected == Smooth.decide(torch.tensor([n - votes, votes]), alpha)
@@ -205,7 +246,7 @@ def expected_radius(votes, n, t, stamped, alpha=0.001):
 
 @pytest.mark.parametrize("t", [0.3, 0.5, 0.9])
 def test_a_certificate_is_always_about_the_verdict(t, greys, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(scan, "load_model", lambda path, device: (tmp_path, None, {}, None, PixelScanner(),
+    monkeypatch.setattr(product.scanning, "load_model", lambda path, device: (tmp_path, None, {}, None, PixelScanner(),
                                                                   {"sigma": SIGMA}))
     n = 400
     flags = ["--model", "M", greys, "--n", str(n), "--certify", "--threshold", str(t), "--device", "cpu",
@@ -308,7 +349,7 @@ def test_the_largest_radius_in_the_docstring_is_right():
 
 
 def test_a_bound_that_does_not_clear_the_threshold_certifies_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(scan, "load_model", lambda path, device: (tmp_path, None, {}, None, PixelScanner(),
+    monkeypatch.setattr(product.scanning, "load_model", lambda path, device: (tmp_path, None, {}, None, PixelScanner(),
                                                                   {"sigma": SIGMA}))
     args = scan.build_parser().parse_args(["--model", "M", "x.png", "--n", "400", "--certify", "--threshold",
                                            "0.9", "--device", "cpu"])
@@ -329,5 +370,5 @@ def test_a_bound_that_does_not_clear_the_threshold_certifies_nothing(tmp_path, m
     monkeypatch.setattr(scanner.smooth, "counts", lambda *a: torch.tensor([100, 300]))
     c = scanner.certify(x, 1 - STAMPED, 0.9)
     assert c["certified"] == "clean" and c["radius"] == expected_radius(300, 400, 0.9, stamped=False) > 0
-    assert scanner.certify(x, scan.ABSTAIN, 0.9) == {"certified": False, "radius": 0.0, "certificate":
+    assert scanner.certify(x, ABSTAIN, 0.9) == {"certified": False, "radius": 0.0, "certificate":
                                                      "none: the verdict abstains, so there is no verdict to certify"}
