@@ -3,7 +3,7 @@ what a messaging app does to a photo (Table 1b, forwarding: real JPEG/WebP, down
 imperceptibility (Table 2), adversarial robustness (Table 3), certified accuracy for smoothed scanners, and
 calibrated detection (ROC-AUC, thresholds for a stated false-block rate).
 
-    python evaluate.py --checkpoint results/demo --quick                  # minutes on CPU
+    python evaluate.py --checkpoint results/demo --quick                  # ≤ 2 minutes on one CPU thread
     python evaluate.py --checkpoint results/rs_aug --data_path PATH/mirflickr_test   # the paper's settings
 
 Everything goes to results/<run>/eval/ (eval/quick/ with --quick): results.json (all numbers, settings,
@@ -51,18 +51,25 @@ from report.paper import model_kind, setting_differences
 from report.plots import write_plots
 from report.tables import render_markdown, write_csvs
 from smoothing import Smooth
-from product.pipelines import PIPELINES, QUICK_PIPELINES
+from product.pipelines import PIPELINES, QUICK_PIPELINES, SHORT_PIPELINES
 from product.scanning import PhotoScanner, ScanSettings, draw_seed
 from product.stage import ProductStage, StageSettings, calibration_record, product_summary
 from product.stage import render as render_product
 from product.stamping import DEFAULT_WORKING_SIZE, fit_pixels, to_working
 from smoothing.certify import RADII, certified_accuracy, certify_labelled, resolve_model, write_tsv
 
-#: --quick: seconds to minutes on a CPU
-QUICK = dict(max_images=8, predict_n=32, certify_n=200, n0=20, certify_images=4, attack_images=8, passes=32)
+#: --quick: a smoke check of every stage, its figures labelled quick (settings.quick), in at most 2 minutes on one
+#: CPU thread whatever the model (measured at the worst: the robust recipe's ResNet-18, every verdict drawing all its
+#: copies, every attack running its full course). 4 tiles of 64 px; ≤ 16 noisy copies per verdict (one look, so votes
+#: near ½ cost no more); 1 photo (clean and stamped) attacked and 2 certified; 2 budgets; few attack iterations,
+#: queries, EOT draws, PGD steps and noisy passes: at most about 5,000 scanner passes without a gradient and 150 with
+#: one (tests/test_evaluate.py counts them). A network fixed to 400×400 is judged at that size instead of `size`.
+#: A flag given overrides its entry.
+QUICK = dict(max_images=4, size=64, predict_n=16, certify_n=100, n0=16, certify_images=2, attack_images=1,
+             eps="8,32", original_eps="8,32", apgd_iters=5, square_queries=20, eot_iter=2, passes=16, pgd_steps=5)
 #: the paper's settings (n = 100,000 for certification); PREDICT uses 1,000 samples per photo and condition
-FULL = dict(max_images=None, predict_n=1000, certify_n=100_000, n0=100, certify_images=100, attack_images=100,
-            passes=1000)
+FULL = dict(max_images=None, size=400, predict_n=1000, certify_n=100_000, n0=100, certify_images=100,
+            attack_images=100, passes=1000, eps="2,4,8,16,32", original_eps="2,4,8,16,32,64", pgd_steps=40)
 #: what results and the summary say about a scanner-only model folder
 SCANNER_ONLY_NOTE = ("this model folder holds a scanner only (converted from the original code): with no encoder "
                      "there are no stamped photos, so only the clean photos were judged (accuracy and false-positive "
@@ -94,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "it is the data the run trained on, only the run's held-out test split is used")
     p.add_argument("--all_images", action="store_true",
                    help="use every photo in --data_path even if the run trained on it")
-    p.add_argument("--size", type=non_negative_int, default=400,
-                   help="side of the square tiles taken from each photo (the paper: 400); 0 = each photo at "
-                        "its native resolution, one at a time")
+    p.add_argument("--size", type=non_negative_int, default=None,
+                   help=f"side of the square tiles taken from each photo (default {FULL['size']}, the paper's; "
+                        f"{QUICK['size']} with --quick); 0 = each photo at its native resolution, one at a time")
     p.add_argument("--working_size", type=non_negative_int, default=None,
                    help="instead of tiles: each photo whole, brought to scan.py's working resolution (long side N, "
                         "antialiased, as stamp.py and scan.py do; 512 is their default), one at a time: what to "
@@ -106,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: all; {QUICK['max_images']} with --quick)")
     p.add_argument("--batch_size", type=positive_int, default=16, help="photos stamped and scanned at once")
     p.add_argument("--quick", action="store_true",
-                   help="few photos, few attack iterations and small n: minutes on CPU; results go to eval/quick/")
+                   help="a smoke check of every stage, at most 2 minutes on one CPU thread: few small tiles, few "
+                        "noisy copies, attack iterations and budgets (evaluate.QUICK, recorded in results.json); "
+                        "results go to eval/quick/")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: RUN/eval, or results/<model folder name>/eval; /quick appended "
                         "with --quick)")
@@ -138,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--product_sizes", default="1,0.5,2,4",
                     help="photo sizes, as factors on each side (Lanczos): 1 = the photos as they are, 0.5 = small web "
                          "images, 2 and 4 = larger than stamp.py's working size (--quick: 1)")
+    pr.add_argument("--product_pipelines", choices=("all", "short"), default="all",
+                    help="all: every pipeline of product.pipelines (14); short: 6, one of each kind "
+                         "(product.pipelines.SHORT_PIPELINES; --quick: 3)")
     pr.add_argument("--product_photos", type=positive_int, default=50,
                     help="how many photos (the first ones) are rescaled to each size other than 1")
     pr.add_argument("--calibration_copies", type=positive_int, default=16,
@@ -171,20 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"photos attacked, each clean and stamped (default {FULL['attack_images']}; "
                         f"{QUICK['attack_images']} quick; 0 skips Table 3, not certification: "
                         "--certify_images 0 skips that)")
-    a.add_argument("--eps", default="2,4,8,16,32", help="L∞ budgets in /255 units, comma-separated")
+    a.add_argument("--eps", default=None,
+                   help=f"L∞ budgets in /255 units, comma-separated (default {FULL['eps']}; {QUICK['eps']} quick)")
     a.add_argument("--apgd_iters", type=positive_int, default=None,
-                   help="APGD-CE iterations (default: the paper's 100; few with --quick)")
+                   help=f"APGD-CE iterations (default: the paper's 100; {QUICK['apgd_iters']} with --quick)")
     a.add_argument("--square_queries", type=positive_int, default=None,
-                   help="Square queries (default: the paper's 5,000; few with --quick)")
+                   help=f"Square queries (default: the paper's 5,000; {QUICK['square_queries']} with --quick)")
     a.add_argument("--eot_iter", type=positive_int, default=None,
-                   help="noise draws per APGD gradient in the adaptive attack on smoothed scanners")
+                   help=f"noise draws per APGD gradient in the adaptive attack on smoothed scanners (default 20; "
+                        f"{QUICK['eot_iter']} with --quick)")
     o = p.add_argument_group("the original protocol")
     o.add_argument("--passes", type=positive_int, default=None,
                    help=f"noisy single passes averaged to score a smoothed scanner's adversarial images (default "
                         f"{FULL['passes']}, the original's; {QUICK['passes']} quick). Table 1's original column "
                         f"averages the --predict_n passes of the detection pass")
-    o.add_argument("--original_eps", default="2,4,8,16,32,64",
-                   help="the original protocol's L∞ budgets in /255 units (its code's list)")
+    o.add_argument("--pgd_steps", type=positive_int, default=None,
+                   help=f"steps of its PGD row, 'pgd-40' (default {FULL['pgd_steps']}, the original's; "
+                        f"{QUICK['pgd_steps']} quick)")
+    o.add_argument("--original_eps", default=None,
+                   help=f"the original protocol's L∞ budgets in /255 units (default {FULL['original_eps']}, its "
+                        f"code's list; {QUICK['original_eps']} with --quick)")
     return p
 
 
@@ -230,7 +248,8 @@ class Evaluation:
 
     def __init__(self, args, log=print):
         self.args, self.log = args, log
-        args.seed = draw_seed(args.seed)  # recorded in results.json: --seed repeats the run
+        # recorded in results.json: --seed repeats the run; 31 bits, as numpy's and the attack libraries' seeds take
+        args.seed = draw_seed(args.seed, bits=31)
         if args.write_calibration and args.product == "off":
             args.product = "on"  # the calibration is made, and verified, by the product stage
         self.product_sizes = _factor_list(args.product_sizes) if not args.quick else (1.0,)
@@ -251,6 +270,9 @@ class Evaluation:
                              f"to replace it or --out to write elsewhere")
         config = _model_config(self.model_dir)
         self.scanner_only = config is not None and "encoder" not in config
+        if self.scanner_only and args.product == "only":
+            raise ValueError(f"--product only: {self.model_dir} holds a scanner only (converted from the original code), "
+                             f"and the product stage stamps photos, which needs an encoder")
         if self.scanner_only and args.write_calibration:
             raise ValueError(f"--write_calibration: {self.model_dir} holds a scanner only (converted from the original "
                              f"code), and a calibration needs stamped photos, which need an encoder")
@@ -450,7 +472,8 @@ class Evaluation:
         count = len(self.paths) if args.max_images is None else min(args.max_images, len(self.paths))
         stage = ProductStage(scanner, self.paths[:count], StageSettings(
             sizes=self.product_sizes, other_photos=args.product_photos, calibrate=args.write_calibration,
-            pipelines=QUICK_PIPELINES if args.quick else tuple(PIPELINES),
+            pipelines=QUICK_PIPELINES if args.quick else SHORT_PIPELINES if args.product_pipelines == "short"
+            else tuple(PIPELINES),
             calibration_copies=args.calibration_copies), log=self.log, lpips_model=self.lpips)
         self.product_ = stage.run()
         self.product_figure = stage.figure(self.product_, self.out / "visibility.png")
@@ -509,14 +532,16 @@ class Evaluation:
                           if getattr(args, k) is not None})
         settings = AttackSettings.quick(**overrides) if args.quick else AttackSettings(**overrides)
         table = original_attack_table(self.scanner, clean.to(self.device), stamped.to(self.device), self.sigma,
-                                      eps=self.original_eps, settings=settings, passes=args.passes)
+                                      eps=self.original_eps, settings=settings, passes=args.passes,
+                                      pgd_steps=args.pgd_steps)
         judged = (f"the mean accuracy of {args.passes} single noisy passes (σ {self.sigma})" if self.sigma
                   else "the scanner's argmax")
         table["note"] = (f"{table['n_clean']} clean and {table['n_stamped']} stamped photos. Every attack is crafted "
                          f"on the base scanner without noise (no EOT) and scored by {judged}; noise: x + ε·N(0, I), "
-                         f"FGSM: one signed-gradient step, PGD-40: 40 steps with a random start; APGD-CE and Square "
-                         f"as pyautoattack's; adaptive: Square, then APGD-CE where Square failed. Every image is "
-                         f"scored (the original's stale batch index scored only its last batch).")
+                         f"FGSM: one signed-gradient step, PGD-40: {table['settings']['pgd_steps']} steps with a "
+                         f"random start; APGD-CE and Square as pyautoattack's; adaptive: Square, then APGD-CE where "
+                         f"Square failed. Every image is scored (the original's stale batch index scored only its last "
+                         f"batch).")
         self.original_["table3"] = table
 
     def results(self, seconds: float) -> dict:
@@ -695,6 +720,9 @@ class Evaluation:
             c = results["certification"]
             lines.append(f"   certified accuracy (σ {c['sigma']}): " + ", ".join(
                 f"r {float(r):g}: {100 * v:.0f}%" for r, v in list(c["all"].items())[:4]))
+        if results["product"]:
+            lines += ["   product stage (stamp.py → platform pipelines → scan.py; product.md):",
+                      product_summary(results["product"])]
         unreadable = results["settings"]["unreadable"]
         if unreadable:
             lines.append(f"   {len(unreadable)} unreadable file(s) skipped: " + ", ".join(

@@ -28,6 +28,11 @@ PIPELINES = {
     "screenshot ×1.25": (Resample(1.25), PNG()),
     "long side 1080, WebP q75": (LongSide(1080), WebP(75)),
 }
+#: `evaluate.py --product_pipelines short`: one of each kind (the file, a codec of each family, a resampling, a
+#: crop, a screenshot), for models whose full table costs too long on a CPU (a smoothed scanner: 16 noisy copies
+#: per verdict)
+SHORT_PIPELINES = ("as stamped", "JPEG q75", "WebP q75", "downscale 75%, JPEG q80", "crop to 4:5, JPEG q85",
+                   "screenshot ×0.8")
 #: --quick's pipelines: the file itself, a codec, and a resampling
 QUICK_PIPELINES = ("as stamped", "JPEG q75", "downscale 75%, JPEG q80")
 

@@ -220,10 +220,10 @@ def _fmt(score: float, smoothed: bool) -> str:
     return f"{score:.3f}" if smoothed else f"{score:.3g}"
 
 
-def draw_seed(seed: int | None) -> int:
-    """`seed`, or a fresh one from the operating system: noise that whoever reads the code cannot predict (the
-    1 − alpha guarantees assume noise independent of the photo)."""
-    return secrets.randbits(63) if seed is None else int(seed)
+def draw_seed(seed: int | None, bits: int = 63) -> int:
+    """`seed`, or a fresh `bits`-bit one from the operating system: noise that whoever reads the code cannot
+    predict (the 1 − alpha guarantees assume noise independent of the photo)."""
+    return secrets.randbits(bits) if seed is None else int(seed)
 
 
 class PhotoScanner:

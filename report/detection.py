@@ -52,7 +52,7 @@ def detection_pass(encoder, judge: Judge, loader, conditions: dict, device, *, s
             if lpips_model is not None:
                 quality["lpips"].append(lpips_model(stamped, x, normalize=True).reshape(-1).cpu())
         for c, (name, condition) in enumerate(conditions.items()):
-            torch.manual_seed(seed * 1_000_003 + b * 1_009 + c)
+            torch.manual_seed((seed * 1_000_003 + b * 1_009 + c) % 2 ** 63)  # a drawn seed has 63 bits
             for i, images in enumerate((x, stamped) if stamped is not None else (x,)):
                 seen = images if condition is None else condition(images)
                 v, s = judge(seen)

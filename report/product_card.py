@@ -2,6 +2,7 @@
 
     python -m report.product_card pretrained_models/rs_aug results/product/rs_aug \
         [--certify results/product/rs_aug_certify.jsonl]
+    python -m report.product_card --readme results/product/baseline results/product/rs_aug ...   # README tables
 
 Reads an evaluate.py --product output folder (results.json with "product", product.md, visibility.png) and, with
 --certify, the JSON lines of `scan.py --certify --json` on photos; writes the section at the top of MODEL/README.md
@@ -77,7 +78,7 @@ def product_section(eval_dir: Path, certify: Path | None = None) -> str:
     if (eval_dir / FIGURE).is_file():
         lines += [f"The flattest regions of the 4 photos with the lowest flat-block PSNR, at 100% "
                   f"(clean | stamped | residual ×10): ![visibility]({FIGURE})", ""]
-    tables = (eval_dir / "product.md").read_text().strip().split("\n", 1)[1]  # without its own heading
+    tables = (eval_dir / "product.md").read_text().strip().split("\n", 1)[1].lstrip()  # without its heading
     lines.append(tables.replace("\n### ", "\n#### "))
     return "\n".join(lines).rstrip() + "\n"
 
@@ -104,13 +105,56 @@ def update_card(model_dir: Path, eval_dir: Path, certify: Path | None = None) ->
     return card_path
 
 
+def _caught(row: dict) -> str:
+    c = row["stamped_caught"]
+    return f"{100 * c['rate']:.1f}" if c["rate"] is not None else "–"
+
+
+def readme_tables(eval_dirs: list[Path]) -> str:
+    """The README's tables from several product-stage folders: one row per model (rule, visibility, clean photos
+    flagged, speed), then the share of stamped photos caught after each pipeline at each size, one column each."""
+    runs = []
+    for d in eval_dirs:
+        product = json.loads((Path(d) / "results.json").read_text())["product"]
+        runs.append((Path(product["settings"]["model"]).relative_to("pretrained_models").as_posix(), product))
+    lines = ["| model | scan.py's rule (shipped calibration) | PSNR dB (1×) | flat-block PSNR dB: mean, worst photo | "
+             "clean photos flagged after any pipeline | s / verdict (median, 1×) |", "|---|---|---:|---:|---:|---:|"]
+    for name, p in runs:
+        s, one = p["settings"], p["sizes"]["1×"]
+        rule = (f"votes of 'margin > {s['margin']:.3g}' > ½, σ {s['sigma']:g}, n ≤ {s['n']}" if s["judge"] == "smoothed"
+                else f"margin > {s['threshold']:.3g}")
+        v, flat = one["visibility"], one["visibility"]["psnr_flat"]
+        flagged = ", ".join(f"{size} {b['clean_flagged_any']['k']}/{b['clean_flagged_any']['n']}"
+                            for size, b in p["sizes"].items())
+        seconds = statistics.median(r["seconds_per_verdict"]["median"] for r in one["rows"].values())
+        lines.append(f"| `{name}` | {rule} | {v['psnr']['mean']:.2f} | {flat['mean']:.2f}, {flat['worst']['value']:.2f} "
+                     f"| {flagged} | {seconds:.3f} |")
+    sizes = list(runs[0][1]["sizes"])
+    columns = [(name, size) for name, p in runs for size in sizes if size in p["sizes"]]
+    lines += ["", "Stamped photos caught (%), by pipeline, photo size and model (photos: "
+              + ", ".join(f"{size} {runs[0][1]['sizes'][size]['photos']}" for size in sizes) + "):", "",
+              "| pipeline | " + " | ".join(f"`{name}` {size}" for name, size in columns) + " |",
+              "|---|" + "---:|" * len(columns)]
+    for pipeline in runs[0][1]["sizes"]["1×"]["rows"]:
+        lines.append(f"| {pipeline} | " + " | ".join(
+            _caught(dict(runs)[name]["sizes"][size]["rows"][pipeline]) for name, size in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path, help="the model folder whose README.md gets the section")
-    p.add_argument("eval", type=Path, help="an evaluate.py --product output folder (results.json, product.md)")
+    p.add_argument("model", type=Path, nargs="?", help="the model folder whose README.md gets the section")
+    p.add_argument("eval", type=Path, nargs="?", help="an evaluate.py --product output folder (results.json, product.md)")
     p.add_argument("--certify", type=Path, default=None, help="JSON lines of scan.py --certify --json on photos")
+    p.add_argument("--readme", type=Path, nargs="+", default=None, metavar="EVAL_DIR",
+                   help="print the README's tables from these product-stage folders instead")
     args = p.parse_args(argv)
     try:
+        if args.readme:
+            print(readme_tables(args.readme), end="")
+            return
+        if args.model is None or args.eval is None:
+            p.error("give MODEL and EVAL (or --readme EVAL_DIR ...)")
         path = update_card(args.model, args.eval, args.certify)
     except (FileNotFoundError, KeyError, ValueError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")

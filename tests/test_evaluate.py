@@ -12,12 +12,13 @@ import train
 import train_rs
 from datasets import ImageFolderDataset, resolve_image_paths
 from models import load_pretrained
+from report.attacks import AttackSettings
 from report.calibration import auc, clopper_pearson, fpr_upper_bound, operating_point, roc_curve
 from report.conditions import table1_conditions
 from report.detection import common_size
 from conftest import TINY_TRAIN_FLAGS as TINY
 
-EVAL = ["--quick", "--size", "32", "--device", "cpu", "--eps", "0,8,32", "--attack_images", "4",
+EVAL = ["--quick", "--size", "32", "--max_images", "8", "--device", "cpu", "--eps", "0,8,32", "--attack_images", "4",
         "--batch_size", "8"]
 
 
@@ -53,7 +54,7 @@ def _mann_whitney_auc(clean, stamped):
 @pytest.fixture(scope="module")
 def recomputed(plain_run, photo_folder):
     """Table 1's "none" and "JPEG q90" rows and Table 2, recomputed here from the model and the photos: 8 tiles of
-    32 px, the first of each of the first 8 photos (--quick's 8 of 12 photos, ceil(8/12) = 1 tile each), stamped as
+    32 px, the first of each of the first 8 photos (--max_images 8 of 12 photos, ceil(8/12) = 1 tile each), stamped as
     clamp(x + E(x), 0, 1) and judged by the plain scanner's argmax (score: logit(stamped) − logit(clean))."""
     encoder, scanner, _ = load_pretrained(plain_run / "model")
     dataset = ImageFolderDataset(resolve_image_paths(photo_folder), 32, mode="grid", max_tiles_per_image=1)
@@ -237,7 +238,7 @@ def test_a_smoothed_scanner_is_judged_by_predict_and_certified(tmp_path, photo_f
     assert results["settings"]["sigma"] == 0.25 and "PREDICT" in results["settings"]["judge"]
     assert set(results["table3"]["attacks"]) == {"apgd-ce", "square", "apgd-eot", "adaptive"}
     cert = results["certification"]
-    assert cert["images"] == 2 and cert["n"] == 200
+    assert cert["images"] == 2 and cert["n"] == evaluate.QUICK["certify_n"]
     radii = [float(r) for r in cert["all"]]
     accs = list(cert["all"].values())
     assert radii[0] == 0 and all(a >= b for a, b in zip(accs, accs[1:]))  # falls with the radius
@@ -247,14 +248,85 @@ def test_a_smoothed_scanner_is_judged_by_predict_and_certified(tmp_path, photo_f
 
 def test_the_full_settings_are_the_papers():
     """Without --quick: CERTIFY with n0 = 100 and n = 100,000 at alpha 0.001 (Cohen's and the paper's), PREDICT
-    with 1,000 copies, 100 photos attacked and certified, the original's 1,000 noisy passes, ε ∈ {2,4,8,16,32}/255,
-    tiles of 400 px."""
-    assert evaluate.FULL == dict(max_images=None, predict_n=1000, certify_n=100_000, n0=100, certify_images=100,
-                                 attack_images=100, passes=1000)
+    with 1,000 copies, 100 photos attacked and certified, the original's 1,000 noisy passes, ε ∈ {2,4,8,16,32}/255
+    (the original protocol's list adds 64), its PGD-40 with 40 steps, tiles of 400 px; the attacks' iterations are
+    AttackSettings' defaults.
+    The flags default to None, so that --quick can give its own values (QUICK) where a flag is not given."""
+    assert evaluate.FULL == dict(max_images=None, size=400, predict_n=1000, certify_n=100_000, n0=100,
+                                 certify_images=100, attack_images=100, passes=1000, eps="2,4,8,16,32",
+                                 original_eps="2,4,8,16,32,64", pgd_steps=40)
     args = evaluate.build_parser().parse_args(["--checkpoint", "x"])
-    assert (args.alpha, args.size, args.seed, args.eps, args.original_eps) == (0.001, 400, 0, "2,4,8,16,32",
-                                                                               "2,4,8,16,32,64")
-    assert evaluate._eps_list(args.eps) == tuple(e / 255 for e in (2, 4, 8, 16, 32))
+    assert all(getattr(args, key) is None for key in {**evaluate.FULL, **evaluate.QUICK})  # each a flag
+    assert (args.alpha, args.seed) == (0.001, None)  # the seed is drawn, and recorded
+    assert evaluate._eps_list(evaluate.FULL["eps"]) == tuple(e / 255 for e in (2, 4, 8, 16, 32))
+    assert AttackSettings() == AttackSettings(apgd_iters=100, square_queries=5000, eot_iter=20)
+
+
+class _WhiteStamp(torch.nn.Module):
+    """An encoder whose stamp turns the photo white: no attack within ε ≤ 32/255 brings it back to a photo's."""
+
+    input_size = None  # takes any size
+
+    def forward(self, x):
+        return 1 - x
+
+
+class _CountingScanner(torch.nn.Module):
+    """A scanner that reads a photo as stamped when its mean is above ¾ (a white stamp; these photos' means are
+    about ½), so it is right on every photo, decisive under noise, and never fooled: every attack runs its full
+    course on every photo, the most a quick evaluation can cost. It counts what it is handed: the images of each
+    forward pass, with a gradient (attacks) or without, and their sides."""
+
+    input_size = None  # takes any size
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.tensor(40.0))  # a parameter: where Smooth and the attacks find the device
+        self.passes = {"without gradient": 0, "with gradient": 0}
+        self.sides = set()
+
+    def forward(self, x):
+        self.passes["with gradient" if torch.is_grad_enabled() else "without gradient"] += len(x)
+        self.sides.update(x.shape[-2:])
+        margin = self.gain * (x.mean((1, 2, 3)) - 0.75)
+        return torch.stack([-margin, margin], 1)
+
+
+@pytest.mark.end_to_end
+def test_quick_is_bounded_whatever_the_model(plain_run, photo_folder, tmp_path, monkeypatch):
+    """--quick is a smoke check of every stage in at most 2 minutes whatever the model (a barely trained smoothed
+    scanner, whose votes near ½ ran every verdict to n on 400-px tiles, once took over 20 minutes). Its cost, counted
+    here in scanner passes on the costliest scanner (one that every attack runs its full course on): 64-px tiles, at
+    most QUICK's predict_n copies per verdict (one look: votes near ½ cost no more), and at most 5,000 passes
+    without a gradient and 150 with one, every stage run. The robust recipe's ResNet-18 at 64 px, costing that much,
+    took 82 s on one CPU thread with three other processes on the 2 cores, 98 s with loading and writing."""
+    scanner = _CountingScanner()
+    real = evaluate.load_pretrained
+
+    def load(*args, **kwargs):
+        _, _, config = real(*args, **kwargs)
+        return _WhiteStamp(), scanner, config
+
+    monkeypatch.setattr(evaluate, "load_pretrained", load)
+    monkeypatch.setattr(evaluate, "load_lpips", lambda device, log=print: _FakeLPIPS())
+    results = evaluate.main(["--checkpoint", str(plain_run), "--data_path", str(photo_folder), "--all_images",
+                             "--quick", "--judge", "smoothed", "--sigma", "0.25", "--out", str(tmp_path), "--device",
+                             "cpu"])
+    quick, settings = evaluate.QUICK, results["settings"]
+    assert settings["quick"] and (settings["images"], settings["size"]) == (quick["max_images"], quick["size"])
+    assert (quick["max_images"], quick["size"]) == (4, 64)
+    assert max(scanner.sides) == 64
+    copies = settings["samples_per_verdict"]
+    assert copies["verdicts"] == 4 * 2 * (len(table1_conditions()) + len(results["forwarding"]))
+    assert max(int(n) for n in copies["distribution"]) == quick["predict_n"] == 16
+    # every stage ran, on the settings QUICK gives it; no attack turned a photo
+    t3, cert, original = results["table3"], results["certification"], results["original"]["table3"]
+    assert (t3["images"], t3["no_attack"]["acc"], t3["attacks"]["adaptive"]["32/255"]["acc"]) == (1, 1.0, 1.0)
+    assert (t3["settings"]["apgd_iters"], t3["settings"]["square_queries"], t3["settings"]["eot_iter"]) == (5, 20, 2)
+    assert (cert["images"], cert["n0"], cert["n"]) == (2, 16, 100)
+    assert (original["passes"], original["settings"]["pgd_steps"], len(original["eps"])) == (16, 5, 2)
+    assert original["attacks"]["square"]["32/255"]["base_acc"] == 1.0
+    assert scanner.passes["without gradient"] <= 5_000 and scanner.passes["with gradient"] <= 150, scanner.passes
 
 
 # ------------------------------------------------------------------------------------------ calibration
