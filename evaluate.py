@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on: also the product stage: photos stamped as stamp.py stamps, saved as 8-bit files, sent "
                          "through each platform pipeline (product.pipelines: JPEG, WebP, resizing, crops, "
                          "screenshots), clean and stamped alike, and judged as scan.py judges at its defaults (the "
-                         "model's calibration); only: that stage alone (product.md, product.json, visibility.png); "
+                         "model's calibration); only: that stage alone (product.md, results.json, visibility.png); "
                          "--write_calibration turns it on")
     pr.add_argument("--product_sizes", default="1,0.5,2,4",
                     help="photo sizes, as factors on each side (Lanczos): 1 = the photos as they are, 0.5 = small web "

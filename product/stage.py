@@ -87,28 +87,27 @@ class ProductStage:
         self.fit = self.encoder.input_size  # the original's encoder: stamped copies are written at 400×400
         self.working_size = 0 if self.fit else scanner.settings.working_size
         self.names = pipelines.select(settings.pipelines)
-        self.unreadable: list[tuple[str, str]] = []
+        self.unreadable: dict[str, str] = {}  # path → why it could not be read
 
     # ------------------------------------------------------------------ photos
+    def _paths(self, factor: float) -> list[Path]:
+        """All the photos at 1×; the first `other_photos` of them at every other size."""
+        other = self.settings.other_photos
+        return self.paths if factor == 1 or other is None else self.paths[:other]
+
     def _photos(self, factor: float):
-        """Yield (name, clean, stamped) uint8 at size `factor`, stamped exactly as stamp.py stamps."""
-        paths = self.paths if factor == 1 or self.settings.other_photos is None else \
-            self.paths[:self.settings.other_photos]
-        for path in paths:
+        """Yield (name, clean, stamped) uint8 at size `factor`, stamped exactly as stamp.py stamps; an unreadable
+        photo is skipped and recorded."""
+        for path in self._paths(factor):
             try:
                 clean = rescale(read_pixels(path), factor)
             except ValueError as e:
-                if factor == 1:
-                    self.unreadable.append((str(path), getattr(e, "reason", None) or str(e)))
+                self.unreadable[str(path)] = getattr(e, "reason", None) or str(e)
                 continue
             if self.fit:
                 clean = fit_pixels(clean, self.fit)
             stamped, _ = stamp_pixels(self.encoder, clean, self.working_size)
             yield path.name, clean, stamped
-
-    def _count(self, factor: float) -> int:
-        return len(self.paths) if factor == 1 or self.settings.other_photos is None else \
-            min(len(self.paths), self.settings.other_photos)
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self) -> dict:
@@ -122,7 +121,7 @@ class ProductStage:
         s, sc = self.settings, self.scanner
         smoothed = sc.sigma is not None
         clean_scores, stamped_scores, photos = [], [], []
-        bar = tqdm(total=self._count(1.0), desc="calibrate", unit="photo", file=sys.stderr, dynamic_ncols=True,
+        bar = tqdm(total=len(self._paths(1.0)), desc="calibrate", unit="photo", file=sys.stderr, dynamic_ncols=True,
                    leave=False)
         for photo, clean, stamped in self._photos(1.0):
             row = {}
@@ -156,60 +155,61 @@ class ProductStage:
 
     # ------------------------------------------------------------------ the stage
     def run(self) -> dict:
+        """Calibrate (if asked), then judge every photo size → the stage's results (settings, calibration, one
+        block per size, LPIPS, unreadable photos, seconds)."""
         t0 = time.time()
         calibration = self.calibrate() if self.settings.calibrate else None
+        self.lpips_values = []
+        sizes = {size_name(f): block for f in self.settings.sizes if (block := self._judge_size(f)) is not None}
+        return {"settings": self._settings(), "calibration": calibration, "sizes": sizes,
+                "lpips": ({"mean": float(np.mean(self.lpips_values)), "n": len(self.lpips_values)}
+                          if self.lpips_values else None),
+                "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable.items()],
+                "seconds": round(time.time() - t0, 1)}
+
+    def _judge_size(self, factor: float) -> dict | None:
+        """Every photo at size `factor`, clean and stamped, through every pipeline, judged by scan.py's judge →
+        the size's block (None when no photo could be read)."""
         sc = self.scanner
-        sizes = {}
-        lpips_values = []
-        for factor in self.settings.sizes:
-            name = size_name(factor)
-            counts = {p: {"clean": [], "stamped": [], "seconds": [], "copies": []} for p in self.names}
-            per_photo, photo_names, long_sides = [], [], []
-            flagged_any = abstained_any = 0  # clean photos flagged (abstained on) after at least one pipeline
-            bar = tqdm(total=self._count(factor), desc=f"product {name}", unit="photo", file=sys.stderr,
-                       dynamic_ncols=True, leave=False)
-            for photo, clean, stamped in self._photos(factor):
-                per_photo.append(visibility.photo_visibility(clean, stamped))
-                photo_names.append(photo)
-                long_sides.append(max(clean.shape[:2]))
-                if factor == 1 and self.lpips is not None:
-                    lpips_values.append(self._lpips(clean, stamped))
-                clean_verdicts = []
-                for pipeline in self.names:
-                    row = counts[pipeline]
-                    for kind, pixels in (("clean", clean), ("stamped", stamped)):
-                        received = pipelines.apply(pipeline, pixels)
-                        start = time.perf_counter()
-                        result = sc.judge_pixels(received)
-                        row["seconds"].append(time.perf_counter() - start)
-                        row[kind].append(result["verdict"])
-                        if sc.sigma is not None:
-                            row["copies"].append(result["n_used"])
-                    clean_verdicts.append(row["clean"][-1])
-                flagged_any += "stamped" in clean_verdicts
-                abstained_any += "abstain" in clean_verdicts
-                bar.update()
-            bar.close()
-            if not per_photo:
-                continue
-            sizes[name] = {"factor": factor, "photos": len(per_photo),
-                           "long_side": {"min": min(long_sides), "median": statistics.median(long_sides),
-                                         "max": max(long_sides)},
-                           "visibility": visibility.summarize(per_photo, photo_names),
-                           "worst": [photo_names[i] for i in visibility.worst_photos(per_photo, photo_names)],
-                           "clean_flagged_any": rate(flagged_any, len(per_photo)),
-                           "clean_abstained_any": rate(abstained_any, len(per_photo)),
-                           "rows": {p: self._row(counts[p]) for p in self.names},
-                           # every verdict, one letter per photo (s stamped, c clean, a abstain), in `names` order
-                           "names": photo_names,
-                           "verdicts": {p: {kind: "".join(v[0] for v in counts[p][kind]) for kind in ("clean", "stamped")}
-                                        for p in self.names}}
-        results = {"settings": self._settings(), "calibration": calibration, "sizes": sizes,
-                   "lpips": ({"mean": float(np.mean(lpips_values)), "n": len(lpips_values)} if lpips_values
-                             else None),
-                   "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable],
-                   "seconds": round(time.time() - t0, 1)}
-        return results
+        counts = {p: {"clean": [], "stamped": [], "seconds": [], "copies": []} for p in self.names}
+        per_photo, photo_names, long_sides = [], [], []
+        flagged_any = abstained_any = 0  # clean photos flagged (abstained on) after at least one pipeline
+        bar = tqdm(total=len(self._paths(factor)), desc=f"product {size_name(factor)}", unit="photo",
+                   file=sys.stderr, dynamic_ncols=True, leave=False)
+        for photo, clean, stamped in self._photos(factor):
+            per_photo.append(visibility.photo_visibility(clean, stamped))
+            photo_names.append(photo)
+            long_sides.append(max(clean.shape[:2]))
+            if factor == 1 and self.lpips is not None:
+                self.lpips_values.append(self._lpips(clean, stamped))
+            for pipeline in self.names:
+                row = counts[pipeline]
+                for kind, pixels in (("clean", clean), ("stamped", stamped)):
+                    received = pipelines.apply(pipeline, pixels)
+                    start = time.perf_counter()
+                    result = sc.judge_pixels(received)
+                    row["seconds"].append(time.perf_counter() - start)
+                    row[kind].append(result["verdict"])
+                    if sc.sigma is not None:
+                        row["copies"].append(result["n_used"])
+            clean_verdicts = [counts[p]["clean"][-1] for p in self.names]
+            flagged_any += "stamped" in clean_verdicts
+            abstained_any += "abstain" in clean_verdicts
+            bar.update()
+        bar.close()
+        if not per_photo:
+            return None
+        return {"factor": factor, "photos": len(per_photo),
+                "long_side": {"min": min(long_sides), "median": statistics.median(long_sides), "max": max(long_sides)},
+                "visibility": visibility.summarize(per_photo, photo_names),
+                "worst": [photo_names[i] for i in visibility.worst_photos(per_photo, photo_names)],
+                "clean_flagged_any": rate(flagged_any, len(per_photo)),
+                "clean_abstained_any": rate(abstained_any, len(per_photo)),
+                "rows": {p: self._row(counts[p]) for p in self.names},
+                # every verdict, one letter per photo (s stamped, c clean, a abstain), in `names` order
+                "names": photo_names,
+                "verdicts": {p: {kind: "".join(v[0] for v in counts[p][kind]) for kind in ("clean", "stamped")}
+                             for p in self.names}}
 
     def figure(self, results: dict, path: Path) -> Path | None:
         """The 4 worst photos at 1× by flat-block PSNR: 100% crops of their flattest regions, clean | stamped |

@@ -76,3 +76,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_model_folders(root, sigma: float = 0.25):
+    """Two tiny untrained model folders under root, the same weights: (plain, smoothed at σ), for scan.py and the
+    product stage."""
+    from models import Scanner, ScannerConfig, StampEncoder, StampEncoderConfig, save_pretrained
+    torch.manual_seed(0)
+    encoder = StampEncoder(StampEncoderConfig(width=0.25))
+    scanner = Scanner(ScannerConfig("narrow"))
+    return save_pretrained(root / "plain", encoder, scanner), \
+        save_pretrained(root / "smoothed", encoder, scanner, extra={"sigma": sigma})

@@ -4,14 +4,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import scan
 import stamp
 from augment.forwarding import JPEG, PNG, CropAspect, LongSide, Resample
-from conftest import cli
-from models import Scanner, ScannerConfig, StampEncoder, StampEncoderConfig, save_pretrained
+from conftest import cli, tiny_model_folders
 from product import pipelines
 from product.files import read_pixels
 from product.scanning import RULE, PhotoScanner, ScanSettings
@@ -24,12 +22,7 @@ SIGMA = 0.25
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny untrained plain model folder and a smoothed one (σ 0.25)."""
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    encoder = StampEncoder(StampEncoderConfig(width=0.25))
-    scanner = Scanner(ScannerConfig("narrow"))
-    return save_pretrained(root / "plain", encoder, scanner), \
-        save_pretrained(root / "smoothed", encoder, scanner, extra={"sigma": SIGMA})
+    return tiny_model_folders(tmp_path_factory.mktemp("models"), SIGMA)
 
 
 @pytest.fixture(scope="module")

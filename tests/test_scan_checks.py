@@ -12,8 +12,8 @@ from torch import nn
 
 import product.scanning
 import scan
-from conftest import cli
-from models import STAMPED, Scanner, ScannerConfig, StampEncoder, StampEncoderConfig, save_pretrained
+from conftest import cli, tiny_model_folders
+from models import STAMPED, Scanner, ScannerConfig
 from smoothing import ABSTAIN, Smooth, lower_confidence_bound
 from smoothing.core import threshold_radius
 
@@ -25,11 +25,7 @@ SIGMA = 0.25
 def folders(tmp_path_factory):
     """Two tiny untrained model folders (smoothed at σ 0.25, and plain) and one 40×30 photo."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    encoder = StampEncoder(StampEncoderConfig(width=0.25))
-    scanner = Scanner(ScannerConfig("narrow"))
-    smoothed = save_pretrained(root / "smoothed", encoder, scanner, extra={"sigma": SIGMA})
-    plain = save_pretrained(root / "plain", encoder, scanner)
+    plain, smoothed = tiny_model_folders(root, SIGMA)
     photo = root / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(photo)
     return smoothed, plain, photo
