@@ -10,6 +10,8 @@ run (so that a passing load on a shared machine hits both); an entry whose warm-
 each script (engine.training.Trainer with the script's own flags and views; train_rs_aug.py with its augmented
 view at full strength) on random crops of the photos scikit-image ships, without the data loader, so that the
 figures are the models' speed; the Pillow row tells how fast one core can decode the same photos to feed them.
+The scan.py rows time the product itself: one JPEG file judged by a shipped model at its shipped calibration
+(`baseline`, plain; `rs_aug`, smoothed), reading included, as `scan.py` does it at its defaults.
 Peak memory is the process's resident memory (CPU) or the largest CUDA allocation during the entry.
 
 "before" (--compare) is torch's defaults: no channels_last (`--no-channels_last`), no cuDNN autotuning and no TF32

@@ -11,12 +11,13 @@ def test_bench_quick_compare_measures_everything(capsys):
     for script in ("train.py", "train_rs.py", "train_rs_aug.py"):
         assert sum(script + "," in label for label in labels) == 2  # two sizes each
     for what in ("scanner inference", "stamping", "certification noise samples", "smoothed verdicts",
-                 "Pillow JPEG decode"):
+                 "Pillow JPEG decode", "scan.py on one"):
         assert any(label.startswith(what) for label in labels), what
     for _, unit, results in rows:
         for value, runs, peak_mb in results.values():
             assert value > 0 and math.isfinite(value) and runs == 1 and peak_mb > 0
     assert sum(label.startswith("smoothed verdicts") for label in labels) == 2  # fixed-n and sequential
+    assert sum(label.startswith("scan.py on one") for label in labels) == len(bench.SCAN_MODELS)
     assert "| measurement | unit | before | after | speed-up |" in out and "load average" in out
 
 
