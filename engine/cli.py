@@ -85,7 +85,13 @@ def significance(text: str) -> float:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults, and keep the script docstring's line breaks (its example commands)."""
+    """Show defaults, and keep the script docstring's line breaks (its example commands). A flag whose help already
+    says what its default is, or whose default is None (decided later), gets no "(default: ...)" appended."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class RecipeGroup:

@@ -92,7 +92,9 @@ def compare(paths: list, out: Path) -> Path:
     md = ["# The paper's three tables: ours beside the paper's",
           "Ours in two protocols: *strict* (Cohen's PREDICT with abstention, EOT attacks, by photo) and *original* "
           "(the original code's: mean accuracy of single noisy passes, attacks on the base scanner without noise), "
-          "which is how the paper's numbers were made. Accuracies in %.",
+          "which is how the paper's numbers were made. Accuracies in %. These are the paper's diagnostics (the "
+          "argmax, or PREDICT at ½ with evaluate.py's n, on tensors at the working size), not what scan.py decides "
+          "at its calibrated rule: each model card's product section has that.",
           "## Table 1: detection accuracy (no corruption)",
           _table(["model", "paper row", "ours, strict", "ours, original", "paper", "photos"],
                  [[x["model"], x["paper_row"], pct(x["strict"]), pct(x["original"]),
