@@ -20,8 +20,9 @@ from test_stamp_scan import cli
 SHIPPED = Path(__file__).resolve().parents[1] / "pretrained_models"
 MODELS = ["baseline", "rs/sigma_0.25", "rs/sigma_0.5", "rs/sigma_0.75", "rs_aug"]
 #: The models whose stamp does not survive stamp.py's working-resolution round trip on photos over 512 px
-#: (issue 37 mends them): their tests on such photos are strict xfails.
-ROUND_TRIP_LOST = {"rs/sigma_0.5", "rs/sigma_0.75"}
+#: (issue 37 mends them): their tests on such photos are strict xfails. rs/sigma_0.5 reads them since its margin
+#: was calibrated by the product stage (m −6.3: every stamped photo of 50 caught at 2× and 4×).
+ROUND_TRIP_LOST = {"rs/sigma_0.75"}
 ROUND_TRIP_REASON = (
     "the stamp does not survive stamp.py's working-resolution round trip (residual made at 512 px, upsampled to the "
     "photo, downscaled again by scan.py): on photos over 512 px stamped reads clean or abstains; with --working_size 0 "
@@ -153,8 +154,9 @@ def test_shipped_model_reads_its_stamp_on_a_photo_of_1500_px(name, tmp_path, cap
     Image.fromarray(skimage.data.chelsea()).resize((1500, 998), Image.Resampling.LANCZOS).save(photo)
     model = SHIPPED / name
     assert cli(stamp, ["--model", str(model), str(photo), "--out", str(tmp_path / "out")], capsys)[0] == 0
-    _, records = _scan(model, [photo, tmp_path / "out" / "chelsea_1500.png"], capsys)
-    assert [r["verdict"] for r in records.values()] == ["clean", "stamped"], records
+    _, clean = _scan(model, [photo], capsys)
+    _, stamped = _scan(model, [tmp_path / "out" / "chelsea_1500.png"], capsys)
+    assert (clean["chelsea_1500.png"]["verdict"], stamped["chelsea_1500.png"]["verdict"]) == ("clean", "stamped")
 
 
 def test_shipped_model_reports_broken_files_and_goes_on(photos, tmp_path, capsys):
