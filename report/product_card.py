@@ -105,7 +105,9 @@ def update_card(model_dir: Path, eval_dir: Path, certify: Path | None = None) ->
     return card_path
 
 
-def _caught(row: dict) -> str:
+def _caught(row: dict | None) -> str:
+    if row is None:  # a pipeline this model's stage did not run (--product_pipelines short)
+        return "–"
     c = row["stamped_caught"]
     return f"{100 * c['rate']:.1f}" if c["rate"] is not None else "–"
 
@@ -137,7 +139,7 @@ def readme_tables(eval_dirs: list[Path]) -> str:
               "|---|" + "---:|" * len(columns)]
     for pipeline in runs[0][1]["sizes"]["1×"]["rows"]:
         lines.append(f"| {pipeline} | " + " | ".join(
-            _caught(dict(runs)[name]["sizes"][size]["rows"][pipeline]) for name, size in columns) + " |")
+            _caught(dict(runs)[name]["sizes"][size]["rows"].get(pipeline)) for name, size in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
