@@ -29,9 +29,16 @@ ROUND_TRIP_REASON = (
     "for both all are caught; its card and docs/models.md")
 
 
-def _models_losing_large_photos():
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=ROUND_TRIP_REASON))
-            if name in ROUND_TRIP_LOST else name for name in MODELS]
+#: rs/sigma_0.25 at its calibrated margin 3.47 (the middle of a wide gap, -4.74 to 11.68) misses one sample photo
+#: over 512 px: the stamped rocket.png (640 px) reads clean after the working-size round trip.
+SAMPLES_LOST = {"rs/sigma_0.25": "at its calibrated margin 3.47 the stamped rocket.png (640 px) reads clean after "
+                                 "stamp.py's working-size round trip (issue 37)"}
+
+
+def _models_losing_large_photos(more: dict | None = None):
+    reasons = {**dict.fromkeys(ROUND_TRIP_LOST, ROUND_TRIP_REASON), **(more or {})}
+    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reasons[name]))
+            if name in reasons else name for name in MODELS]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +177,7 @@ def test_shipped_model_reports_broken_files_and_goes_on(photos, tmp_path, capsys
     assert records["camera.png"]["verdict"] == "clean"
 
 
-@pytest.mark.parametrize("name", _models_losing_large_photos())
+@pytest.mark.parametrize("name", _models_losing_large_photos(SAMPLES_LOST))
 def test_shipped_model_on_every_sample_photo_and_after_jpeg_75_420(name, sample_photos, tmp_path, capsys):
     """None of scikit-image's photos read as stamped, every stamped one is caught, also after JPEG q75 4:2:0."""
     model = SHIPPED / name
