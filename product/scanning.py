@@ -252,6 +252,11 @@ class PhotoScanner:
             raise ValueError("--certify needs a smoothed scanner: this model was not trained with --std; pass "
                              "--sigma to smooth it anyway")
         self.seed = draw_seed(s.seed)
+        # on the device, as certify.py and evaluate.py draw theirs: no noise made on the CPU and copied over. Made
+        # once: a new rule (the product stage's calibration) goes on drawing fresh noise, never repeating the copies
+        # its calibration scored.
+        self.sequential_generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        self.certify_generator = torch.Generator(device=self.device).manual_seed((self.seed + 1) % 2 ** 63)
         self.set_rule(resolve_rule(s.threshold, s.margin, self.model_dir, self.sigma, log, calibration), log)
 
     def set_rule(self, rule: Rule, log=print) -> None:
@@ -263,13 +268,9 @@ class PhotoScanner:
         on = s.sequential if s.sequential is not None else ("on" if cal.get("sequential", True) else "off")
         self.sequential = self.sigma is not None and on == "on"
         base = MarginScanner(self.scanner, rule.margin) if self.sigma is not None and rule.margin else self.scanner
-        self.base = base
         self.judge = Judge(base, self.sigma, n=self.n, alpha=self.alpha, batch_size=s.batch_size, seed=self.seed,
                            sequential=False)
         self.smooth = Smooth(base, self.sigma) if self.sigma is not None else None
-        # on the device, as certify.py and evaluate.py draw theirs: no noise made on the CPU and copied over
-        self.sequential_generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        self.certify_generator = torch.Generator(device=self.device).manual_seed((self.seed + 1) % 2 ** 63)
         rule.differs = []
         if rule.calibration is not None:  # a calibration.json in use (not one being made by the product stage)
             resolution = ("fitted", self.fit) if self.fit else ("working", s.working_size)
