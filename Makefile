@@ -7,7 +7,7 @@ DEMO_NAME ?= demo
 DEMO_FLAGS ?= --recipe robust --image_size 64 --eval_size 128 --batch_size 8 --max_step 3000 --scanner narrow --lr 3e-4 \
 	--img_w 8 --ramp_steps 1000 --val_every 500 --save_every 500 --device cpu
 
-.PHONY: demo test install clean-demo mutation
+.PHONY: demo test install clean-demo mutation wheelhouse
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q tests
+
+# The wheels the lent GPU machine lacks (kornia, kornia-rs, lpips, pyautoattack for Python 3.12), into .whl/ for
+# scripts/gpu_check.sh: see docs/speed.md, "The GPU check".
+wheelhouse:
+	bash scripts/wheelhouse.sh .whl
 
 clean-demo:
 	rm -rf results/$(DEMO_NAME)

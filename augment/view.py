@@ -19,14 +19,31 @@ def augmentation_chain(args, kind: str):
     return StochasticChain.from_names(args.augs, preset="train", p=args.aug_prb)
 
 
+#: --aug_downscale draws its factor from this many evenly spaced values between SMALLEST and 1 (both included),
+#: not from a continuous U(SMALLEST, 1): every factor gives the scanner a new input shape, and cuDNN autotunes
+#: (benchmark mode) each new shape once, so a continuous factor would have it tune hundreds of shapes at 400².
+DOWNSCALE_STEPS = 8
+
+
+def downscale_factors(smallest: float) -> list[float]:
+    """The factors `random_downscale` draws from: DOWNSCALE_STEPS values from `smallest` to 1, evenly spaced."""
+    n = DOWNSCALE_STEPS
+    return [smallest + (1 - smallest) * k / (n - 1) for k in range(n - 1)] + [1.0]
+
+
 def random_downscale(images: torch.Tensor, smallest: float) -> torch.Tensor:
-    """(B,C,H,W) → (B,C,h,w): both sides × one factor U(smallest, 1) for the whole batch (a batch holds one
-    size), antialiased bilinear, and not scaled back: a photo that a platform shrinks before recompressing it,
+    """(B,C,H,W) → (B,C,h,w): both sides × one factor for the whole batch (a batch holds one size), drawn
+    uniformly from `downscale_factors(smallest)` (a grid, so that the output takes at most DOWNSCALE_STEPS
+    shapes), antialiased bilinear, and not scaled back: a photo that a platform shrinks before recompressing it,
     which the scanner then reads at its new size. The chain's "resize" corruption scales back to the input size,
     so without this a scanner never sees a stamp at another scale. smallest = 1: the images unchanged."""
     if smallest >= 1:
         return images
-    factor = smallest + (1 - smallest) * float(torch.rand(()))  # a CPU draw from torch's generator: no device sync
+    factors = downscale_factors(smallest)
+    # One CPU draw from torch's generator (no device sync), floored onto the grid: each value has chance 1/n.
+    factor = factors[min(int(float(torch.rand(())) * len(factors)), len(factors) - 1)]
+    if factor == 1.0:
+        return images  # the grid's top value: the pair as it is
     return kornia.geometry.transform.rescale(images, factor, antialias=True)
 
 

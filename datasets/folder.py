@@ -57,8 +57,22 @@ def _grid_tiles(width: int, height: int, size: int,
     return tiles
 
 
+def to_unit_float(batch: torch.Tensor, device: Union[torch.device, str]) -> torch.Tensor:
+    """A uint8 batch from ``ImageFolderDataset(..., dtype=torch.uint8)`` → float32 in [0, 1] on ``device``.
+
+    The uint8 batch travels (a quarter of float32's bytes, through the workers' shared memory and the
+    host→device copy) and is converted only on ``device``: non-blocking, so a CUDA copy from the pinned
+    memory the DataLoader gives (``pin_memory=True``) overlaps the host. On CPU this is the same code. The
+    values equal the float dataset's exactly for native-resolution crops (the same ``/255`` in float32), and
+    within 0.5/255 for resized ones (see ``ImageFolderDataset._finish``).
+    """
+    if batch.dtype != torch.uint8:
+        raise TypeError(f"to_unit_float: expected a uint8 batch, got {batch.dtype}")
+    return batch.to(device, non_blocking=True).to(torch.float32).div_(255.0)
+
+
 class ImageFolderDataset(Dataset):
-    """Square crops (or whole images) of photos as float tensors in [0, 1].
+    """Square crops (or whole images) of photos as float tensors in [0, 1], or as uint8 in [0, 255].
 
     Modes:
         ``"random"``: a random ``size``×``size`` crop at native resolution,
@@ -75,6 +89,10 @@ class ImageFolderDataset(Dataset):
         ``"full"``: the whole image at native resolution, shape (3, H, W);
             images differ in size, so batch them one at a time. ``size`` is
             ignored and may be ``None``.
+
+    With ``dtype=torch.uint8`` every item is uint8 in [0, 255] (the training
+    loader: a quarter of the bytes per batch; :func:`to_unit_float` converts
+    a batch on the training device), otherwise float32 in [0, 1].
 
     Every file's header is checked at construction; unreadable files are left
     out, recorded in :attr:`skipped` and reported in one
@@ -95,7 +113,8 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, paths: Union[Iterable[PathLike], PathLike], size: Optional[int],
                  mode: str = "random", cache: Optional[bool] = None, min_side: int = 2,
-                 max_tiles_per_image: Optional[int] = None, max_crop_scale: float = 1.0) -> None:
+                 max_tiles_per_image: Optional[int] = None, max_crop_scale: float = 1.0,
+                 dtype: torch.dtype = torch.float32) -> None:
         """
         Args:
             paths: image files, or one directory/file to search with
@@ -112,9 +131,11 @@ class ImageFolderDataset(Dataset):
                 this many times ``size`` pixels per side of the source photo (uniformly
                 drawn) and is resized to ``size``: scale jitter, so a few photos give
                 content at many scales. 1 keeps native resolution.
+            dtype: ``torch.float32`` (values in [0, 1]) or ``torch.uint8``
+                (values in [0, 255], for :func:`to_unit_float` on the device).
 
         Raises:
-            ValueError: invalid ``mode``, ``size`` or ``max_tiles_per_image``.
+            ValueError: invalid ``mode``, ``size``, ``max_tiles_per_image`` or ``dtype``.
             NoImagesError: no paths, or none of them is a readable image.
         """
         if mode not in self.MODES:
@@ -130,8 +151,11 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"ImageFolderDataset: max_crop_scale must be ≥ 1, got {max_crop_scale}")
         if max_crop_scale != 1.0 and mode != "random":
             raise ValueError(f"ImageFolderDataset: max_crop_scale only applies to mode='random', not {mode!r}")
+        if dtype not in (torch.float32, torch.uint8):
+            raise ValueError(f"ImageFolderDataset: dtype must be torch.float32 or torch.uint8, got {dtype}")
         self.mode = mode
         self.size = size
+        self.dtype = dtype
         self.max_crop_scale = max_crop_scale
         self.min_side = min_side
         self.max_tiles_per_image = max_tiles_per_image
@@ -186,8 +210,8 @@ class ImageFolderDataset(Dataset):
         return len(self._grid) if self.mode == "grid" else len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        """Item ``index`` as float32 in [0, 1], shape (3, size, size)
-        ((3, H, W) for ``"full"``)."""
+        """Item ``index`` as float32 in [0, 1] (uint8 in [0, 255] with ``dtype=torch.uint8``),
+        shape (3, size, size) ((3, H, W) for ``"full"``)."""
         if not 0 <= index < len(self):
             # IndexError (not ValueError) so that plain iteration stops here.
             raise IndexError(f"index {index} out of range for {len(self)} items")
@@ -240,7 +264,7 @@ class ImageFolderDataset(Dataset):
 
     def _render(self, pixels: torch.Tensor, tile: Optional[tuple[int, int]]) -> torch.Tensor:
         if self.mode == "full":
-            return pixels.to(torch.float32).div_(255.0)
+            return self._to_dtype(pixels)
         if self.mode == "random":
             return self._random_crop(pixels)
         size = self.size
@@ -270,13 +294,26 @@ class ImageFolderDataset(Dataset):
         return self._finish(pixels[:, top:top + side, left:left + side])
 
     def _finish(self, square: torch.Tensor) -> torch.Tensor:
-        """uint8 (3, s, s) -> float32 (3, size, size) in [0, 1]."""
-        out = square.to(torch.float32).div_(255.0)
-        if out.shape[-1] != self.size:
-            out = TF.resize(out, [self.size, self.size],
-                            interpolation=InterpolationMode.BICUBIC, antialias=True)
-            out = out.clamp_(0.0, 1.0)  # bicubic overshoots near sharp edges
-        return out.contiguous()
+        """uint8 (3, s, s) -> (3, size, size): float32 in [0, 1], or uint8."""
+        if square.shape[-1] == self.size:
+            return self._to_dtype(square)
+        if self.dtype == torch.uint8:
+            # The resize stays here, on the CPU, on uint8: the crops of a batch differ in size (scale jitter,
+            # photos of any size), so they cannot be batched before it. torchvision resizes a uint8 tensor
+            # in float32 (the same antialiased bicubic on 0..255 instead of 0..1), clamps to [0, 255] and
+            # rounds: within 0.5/255 of the float path below, which is the quantisation and nothing more.
+            return TF.resize(square, [self.size, self.size],
+                             interpolation=InterpolationMode.BICUBIC, antialias=True).contiguous()
+        out = TF.resize(square.to(torch.float32).div_(255.0), [self.size, self.size],
+                        interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return out.clamp_(0.0, 1.0).contiguous()  # bicubic overshoots near sharp edges
+
+    def _to_dtype(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels at their size -> float32 in [0, 1], or a uint8 copy (never a view of the cache, which a
+        caller could otherwise write to)."""
+        if self.dtype == torch.uint8:
+            return pixels.clone(memory_format=torch.contiguous_format)
+        return pixels.to(torch.float32).div_(255.0).contiguous()
 
     # -- messages ---------------------------------------------------------
 

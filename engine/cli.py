@@ -138,6 +138,9 @@ def build_parser(description: str, script: str) -> argparse.ArgumentParser:
                      help="DataLoader worker processes per training process (default on CUDA: the process's share "
                           "of the cores, at most 8, with pinned memory; 0 on CPU, where cores are better spent on "
                           "the model)")
+    run.add_argument("--speed_warmup", type=non_negative_int, default=10, metavar="STEPS",
+                     help="steps left out of summary.json's train_images_per_second_after_warmup (cuDNN "
+                          "autotuning, the loader's first batches); the device is synchronised once, after them")
     run.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                      help="channels_last (NHWC) memory format for the networks and their inputs (default: on, "
                           "except with --compile; --no-channels_last for the plain NCHW layout)")
@@ -285,9 +288,11 @@ def add_aug_flags(parser: argparse.ArgumentParser, group) -> None:
     group.add_argument("--augs", default="all",
                        help=f"the stochastic chain's corruptions, comma-separated, or 'all': {', '.join(CORRUPTIONS)}")
     group.add_argument("--aug_downscale", type=probability, default=1.0, metavar="SMALLEST",
-                       help="before the chain, shrink the augmented pair (each side × one factor U(SMALLEST, 1) per "
-                            "batch, antialiased) and do not scale it back, so that the scanner learns the stamp of a "
-                            "photo a platform downscaled before recompressing it; 1 = off, as the original")
+                       help="before the chain, shrink the augmented pair (each side × one factor per batch, drawn "
+                            "uniformly from 8 evenly spaced values from SMALLEST to 1, so that the scanner sees at "
+                            "most 8 input shapes and cuDNN autotunes only those; antialiased) and do not scale it "
+                            "back, so that the scanner learns the stamp of a photo a platform downscaled before "
+                            "recompressing it; 1 = off, as the original")
 
 
 def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:

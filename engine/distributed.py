@@ -92,6 +92,16 @@ def all_gather_object(d: Dist, obj) -> list:
     return out
 
 
+def broadcast_object(d: Dist, obj, src: int = 0):
+    """Rank `src`'s obj on every rank (a collective: every rank calls it, the others' obj is ignored); obj itself
+    for a single process. For small picklable values: it goes through pickle, as all_gather_object."""
+    if not d.enabled:
+        return obj
+    box = [obj if d.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_reduce_mean(d: Dist, values: torch.Tensor) -> torch.Tensor:
     """The mean of `values` over the ranks (a collective; the tensor itself for a single process)."""
     if not d.enabled:

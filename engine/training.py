@@ -28,12 +28,12 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 from tqdm import tqdm
 
-from datasets import ImageFolderDataset, resolve_image_paths, split_files
+from datasets import ImageFolderDataset, resolve_image_paths, split_files, to_unit_float
 from models import Scanner, ScannerConfig, StampEncoder, StampEncoderConfig, save_pretrained
 from models.io import config_from_dict, load_pretrained, pretrained_dir
 
 from . import distributed
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_resume_checkpoint, save_checkpoint
 from .cli import RESUMABLE_FLAGS
 from .device import (amp_dtype, autocast, configure_speed, rng_state, seed_everything, set_rng_state,
                      use_channels_last)
@@ -204,10 +204,13 @@ class Trainer:
         if dist.enabled:
             # Per-rank BatchNorm, not SyncBatchNorm (see docs/training.md, several GPUs); rank 0's buffers (the
             # running statistics) are copied to the others before each forward. Every parameter takes part in
-            # every step, so find_unused_parameters stays off.
+            # every step, so find_unused_parameters stays off. That copy is DDP's default, and no keyword asks for
+            # it: torch 2.11 (the GPU machines') names it broadcast_buffers (default True) and has no
+            # forward_sync_buffers (TypeError); torch 2.13 on names it forward_sync_buffers (default None, meaning
+            # True) and warns that broadcast_buffers is deprecated. So only keywords torch 2.11 has, and neither
+            # of these: tests/test_distributed.py checks them against tests/data/torch_2_11_ddp_parameters.txt.
             device_ids = [device.index] if device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.model, device_ids=device_ids, forward_sync_buffers=True,
-                                                 gradient_as_bucket_view=True)
+            self.model = DistributedDataParallel(self.model, device_ids=device_ids, gradient_as_bucket_view=True)
 
     # ---------------------------------------------------------------- state
     def load(self, checkpoint: dict) -> None:
@@ -342,6 +345,14 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
 
 
+def training_loader(dataset, batch_size: int, sampler, device: torch.device, workers: int | None = None) -> DataLoader:
+    """The training DataLoader (the GPU check times it alone): `workers` processes (default_workers when None),
+    pinned memory on CUDA so the copy of each uint8 batch overlaps the host, workers kept between passes."""
+    workers = workers if workers is not None else default_workers(device)
+    return DataLoader(dataset, batch_size, sampler=sampler, drop_last=True, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+
 class _NoWriter:
     """SummaryWriter's interface for the ranks that do not log."""
 
@@ -357,8 +368,10 @@ class _Run:
         self.args, self.views, self.dist, self.device, self.log = args, views, dist, device, log
         configure_speed(device)
         self.run = RunDir.create(args.results_dir, args.run_name, make=dist.is_main)
-        # Every rank reads the checkpoint before any step, hence before rank 0 can write the next one.
-        checkpoint = load_checkpoint(self.run.last_checkpoint) if self.run.last_checkpoint.exists() else None
+        # Every rank reads the checkpoint before any step, hence before rank 0 can write the next one. Under
+        # torchrun rank 0 decides the step and every rank must see that checkpoint, or all of them stop with one
+        # line (several nodes without a shared results folder); a single process just reads it.
+        checkpoint = load_resume_checkpoint(self.run.last_checkpoint, dist)
         self.start_step = checkpoint["step"] if checkpoint else 0
         seed_everything(args.seed + dist.rank)
 
@@ -390,9 +403,11 @@ class _Run:
         if args.max_crop_scale != 1.0 and args.train_crop != "random":
             raise ValueError(f"--max_crop_scale {args.max_crop_scale} needs --train_crop random (not {args.train_crop})")
         # 'fit' is ImageFolderDataset's 'center' mode: centre crop to a square, then resize (ImageOps.fit).
+        # uint8 batches: a quarter of float32's bytes in the workers' shared memory and the copy to the device;
+        # _train converts them there (to_unit_float). The held-out loaders below stay float32 (evaluate's input).
         train_set = ImageFolderDataset(self.split.train, args.image_size,
                                        mode="random" if args.train_crop == "random" else "center",
-                                       max_crop_scale=args.max_crop_scale)
+                                       max_crop_scale=args.max_crop_scale, dtype=torch.uint8)
         # An epoch is one pass over the training split (the last partial batch dropped), as in the original.
         self.steps_per_epoch = max(1, len(self.split.train) // (args.batch_size * d.world_size))
         self.stop_step = args.max_step
@@ -411,10 +426,7 @@ class _Run:
         else:
             self.sampler = RandomSampler(train_set, num_samples=per_pass)
             dataset = train_set
-        workers = args.workers if args.workers is not None else default_workers(self.device)
-        self.train_loader = DataLoader(dataset, args.batch_size, sampler=self.sampler, drop_last=True,
-                                       num_workers=workers, pin_memory=self.device.type == "cuda",
-                                       persistent_workers=workers > 0)
+        self.train_loader = training_loader(dataset, args.batch_size, self.sampler, self.device, args.workers)
         if d.is_main:
             self.val_loader = self._eval_loader(self.split.val, args.val_images)
             self.test_loader = self._eval_loader(self.split.test, args.test_images)
@@ -564,14 +576,19 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
     saved = step if r.run.last_checkpoint.exists() else None
     val = {}
     t0, images_seen = time.time(), 0
+    warm = None  # (time, images seen) once --speed_warmup steps have run: the after-warm-up images/s starts there
     bar = tqdm(total=r.stop_step, initial=step, desc=args.run_name, dynamic_ncols=True, file=sys.stderr,
                disable=step >= r.stop_step or not d.is_main)
     try:
         while step < r.stop_step:
-            x = next(batches).to(device, non_blocking=True)
+            x = to_unit_float(next(batches), device)  # uint8 → float32 in [0, 1] on the device, after the copy
             terms = r.trainer.step(x, step)
             step += 1
             images_seen += x.shape[0] * d.world_size
+            if step - r.start_step == args.speed_warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # once per run: the clock starts when the warm-up steps are done
+                warm = (time.time(), images_seen)
             bar.update(1)
             for k, v in terms.items():
                 sums[k] = sums[k] + v  # stays on the device: no synchronisation until we log
@@ -635,12 +652,14 @@ def _train(args, views: ViewFn, d: Dist, device: torch.device, log, stop: StopRe
     stop.restore()  # from here on (evaluation, export) Ctrl-C stops at once: the last checkpoint is saved
     bar.close()
     train_seconds = time.time() - t0
+    after_warmup = (images_seen - warm[1]) / (time.time() - warm[0]) if warm and images_seen > warm[1] else None
     if not d.is_main:
         return None  # rank 0 alone evaluates and exports; nothing else needs this rank
-    return _finish(r, step, train_seconds, images_seen, val)
+    return _finish(r, step, train_seconds, images_seen, val, after_warmup)
 
 
-def _finish(r: _Run, step: int, train_seconds: float, images_seen: int, val: dict) -> dict:
+def _finish(r: _Run, step: int, train_seconds: float, images_seen: int, val: dict,
+            after_warmup: float | None = None) -> dict:
     """Held-out evaluation, exported weights, a preview picture and the printed summary."""
     args, log, device = r.args, r.log, r.device
     test = evaluate(r.encoder, r.scanner, r.test_loader, device, max_images=args.test_images, views=r.views, step=step)
@@ -657,6 +676,9 @@ def _finish(r: _Run, step: int, train_seconds: float, images_seen: int, val: dic
     summary = {
         "run": str(r.run.root), "step": step, "train_seconds_this_session": round(train_seconds, 1),
         "train_images_per_second": round(images_seen / train_seconds, 2) if images_seen else None,
+        # from the end of step --speed_warmup to the end of training (validation and checkpoints included)
+        "train_images_per_second_after_warmup": round(after_warmup, 2) if after_warmup else None,
+        "speed_warmup_steps": args.speed_warmup,
         "device": str(device), "processes": r.dist.world_size, "lpips": r.lpips is not None,
         "test_crops": test, "test_photos_native_resolution": full,
         "preview": {"path": str(preview_path), "photo": str(photos.paths[0]), **preview},

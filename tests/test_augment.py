@@ -316,22 +316,26 @@ def test_plain_da_corrupts_the_clean_and_the_stamped_halves_in_separate_calls():
 
 
 def test_aug_downscale_shrinks_the_pair_once_per_batch_before_the_chain():
-    """--aug_downscale 0.5: the chain receives the whole pair shrunk by one factor f = U(0.5, 1) (kornia's antialiased
-    rescale, not scaled back), drawn from torch's generator; the plain-DA view splits that same shrunk pair."""
+    """--aug_downscale 0.5: the chain receives the whole pair shrunk by one factor f per batch (kornia's antialiased
+    rescale, not scaled back), f drawn from torch's generator uniformly over the grid of DOWNSCALE_STEPS values from
+    0.5 to 1 (f = 1: the pair as it is); the plain-DA view splits that same shrunk pair."""
     import kornia
-    from augment.view import augmented_view
+    from augment.view import DOWNSCALE_STEPS, augmented_view, downscale_factors
+    grid = downscale_factors(0.5)
+    assert len(grid) == DOWNSCALE_STEPS == 8 and grid[0] == 0.5 and grid[-1] == 1.0
+    assert grid == pytest.approx([0.5 + 0.5 * k / 7 for k in range(8)]) and grid == sorted(grid)
     pair = _photo(h=64, w=96, batch=4)
     sizes = set()
-    for seed in range(6):
+    for seed in range(12):
         torch.manual_seed(seed)
-        factor = 0.5 + 0.5 * float(torch.rand(()))
-        expected = kornia.geometry.transform.rescale(pair, factor, antialias=True)
+        factor = grid[int(float(torch.rand(())) * 8)]
+        expected = pair if factor == 1 else kornia.geometry.transform.rescale(pair, factor, antialias=True)
         chain = _RecordingChain()
         torch.manual_seed(seed)
         (v,) = augmented_noisy_view(chain, std=0.0, aug_start=0, aug_end=0, downscale=0.5)(pair, 1)
         ((seen, _),) = chain.calls
         assert torch.equal(seen, expected) and v.images.shape == expected.shape
-        assert 32 <= seen.shape[-2] < 64 and abs(seen.shape[-1] - 96 * factor) <= 1
+        assert 32 <= seen.shape[-2] <= 64 and abs(seen.shape[-1] - 96 * factor) <= 1
         sizes.add(seen.shape[-2])
         chain = _RecordingChain()
         torch.manual_seed(seed)
@@ -343,7 +347,24 @@ def test_aug_downscale_shrinks_the_pair_once_per_batch_before_the_chain():
     assert torch.equal(chain.calls[0][0], pair)
     _, args, views = train_rs_aug.parse(["--run_name", "r", "--recipe", "robust", "--aug_downscale", "0.6",
                                          "--aug_start", "0", "--aug_end", "0"])
-    assert args.aug_downscale == 0.6 and views(pair, 1)[-1].images.shape[-1] < 96
+    assert args.aug_downscale == 0.6
+    torch.manual_seed(0)
+    widths = {views(pair, 1)[-1].images.shape[-1] for _ in range(8)}  # the grid's top value (1) leaves it at 96
+    assert min(widths) < 96 and min(widths) >= int(96 * 0.6)
+
+
+@pytest.mark.parametrize("smallest", [0.3, 0.6, 0.95])
+def test_aug_downscale_gives_at_most_the_grid_size_of_shapes_over_many_batches(smallest):
+    """The factor comes from a grid, so over many batches the shrunk pair takes at most DOWNSCALE_STEPS shapes
+    (cuDNN autotunes each new shape: a continuous U(SMALLEST, 1) gave a new one nearly every batch at 400²), and
+    every grid value is drawn."""
+    from augment.view import DOWNSCALE_STEPS, random_downscale
+    pair = torch.zeros(2, 3, 400, 400)
+    torch.manual_seed(0)
+    shapes = [random_downscale(pair, smallest).shape for _ in range(300)]
+    assert len(set(shapes)) == DOWNSCALE_STEPS
+    assert all(s[:2] == (2, 3) and int(400 * smallest) <= s[-1] <= 400 for s in shapes)
+    assert (2, 3, 400, 400) in shapes and (2, 3, int(400 * smallest), int(400 * smallest)) in shapes
 
 
 @pytest.mark.parametrize("recipe, names", [("robust", ["plain", "noisy", "aug"]), ("original", ["noisy", "aug"])])

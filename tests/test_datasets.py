@@ -474,6 +474,77 @@ def test_dataloader_batches(grid_dir):
     assert [b.shape for b in batches] == [(8, 3, 16, 16)] * 3 + [(3, 3, 16, 16)]
 
 
+# The uint8 training loader (issue 38): uint8 items, converted to float on the device by to_unit_float.
+
+@pytest.mark.parametrize("mode, kwargs", [("random", {}), ("random", {"max_crop_scale": 2.0}), ("center", {}),
+                                          ("grid", {}), ("full", {})])
+def test_uint8_items_equal_the_float_items_within_the_quantisation(grid_dir, mode, kwargs):
+    """dtype=torch.uint8 gives the same crops as float32, as uint8: to_unit_float of a uint8 item equals the float
+    item exactly where the crop is at native resolution (grid tiles, full images, random windows of the big photo)
+    and within 0.5/255 where it was resized (bicubic on uint8, rounded: the small photo, centre fits, scale
+    jitter)."""
+    from datasets import to_unit_float
+    size = None if mode == "full" else 32
+    as_float = _dataset(grid_dir, size, mode=mode, **kwargs)
+    as_uint8 = _dataset(grid_dir, size, mode=mode, dtype=torch.uint8, **kwargs)
+    resized = exact = 0
+    for i in range(len(as_float)):
+        torch.manual_seed(i)  # the same random window in both
+        reference = as_float[i]
+        torch.manual_seed(i)
+        item = as_uint8[i]
+        assert item.dtype == torch.uint8 and item.shape == reference.shape and item.is_contiguous()
+        converted = to_unit_float(item[None], "cpu")[0]
+        assert converted.dtype == torch.float32
+        assert (converted - reference).abs().max() <= 0.5 / 255 + 1e-6
+        if torch.equal(converted, reference):
+            exact += 1
+        else:
+            resized += 1
+    # Native resolution converts bit for bit: full images, and grid tiles but for the 50x20 photo's centre fit.
+    if mode == "full":
+        assert resized == 0
+    if mode == "grid":
+        assert (exact, resized) == (6, 1)
+    assert exact + resized == len(as_float)
+
+
+def test_uint8_native_crops_are_exact_and_resized_ones_differ_only_by_rounding(grid_dir):
+    """Tiles at native resolution convert to the float dataset's values bit for bit; a centre fit (resized) differs
+    by rounding only: some pixels differ, none by more than 0.5/255, and the float path's value rounds to the
+    uint8 one."""
+    from datasets import to_unit_float
+    tiles = _dataset([grid_dir / "a_wide.png"], 32, mode="grid")
+    tiles8 = _dataset([grid_dir / "a_wide.png"], 32, mode="grid", dtype=torch.uint8)
+    assert all(torch.equal(to_unit_float(tiles8[i][None], "cpu")[0], tiles[i]) for i in range(len(tiles)))
+    fit = _dataset([grid_dir / "a_wide.png"], 35, mode="center")[0]
+    fit8 = _dataset([grid_dir / "a_wide.png"], 35, mode="center", dtype=torch.uint8)[0]
+    assert not torch.equal(to_unit_float(fit8[None], "cpu")[0], fit)  # it was resized, so it was rounded
+    assert (fit8.int() - (fit * 255).round().int()).abs().max() <= 1  # a tie at .5 may round either way
+    assert (to_unit_float(fit8[None], "cpu")[0] - fit).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_uint8_loader_batches_are_a_quarter_of_float32s_bytes_and_convert_on_the_device(grid_dir):
+    """What a DataLoader over the uint8 dataset yields: (N,3,H,W) uint8, N·3·H·W bytes, a quarter of the float32
+    batch; to_unit_float moves it to the device asked for and gives the float batch (exactly, for these tiles)."""
+    from datasets import to_unit_float
+    loader8 = torch.utils.data.DataLoader(_dataset(grid_dir, 16, mode="grid", dtype=torch.uint8), batch_size=8)
+    loader32 = torch.utils.data.DataLoader(_dataset(grid_dir, 16, mode="grid"), batch_size=8)
+    for batch8, batch32 in zip(loader8, loader32):
+        assert batch8.dtype == torch.uint8 and batch8.shape[1:] == (3, 16, 16)
+        nbytes = batch8.numel() * batch8.element_size()
+        assert nbytes == batch8.shape[0] * 3 * 16 * 16 and 4 * nbytes == batch32.numel() * batch32.element_size()
+        x = to_unit_float(batch8, torch.device("cpu"))
+        assert x.dtype == torch.float32 and x.device.type == "cpu" and torch.equal(x, batch32)
+        assert to_unit_float(batch8, "meta").device.type == "meta"  # converted where it is sent, not before
+    # a batch of 64 at 400²: 30,720,000 bytes as uint8, a quarter of float32's 122,880,000
+    assert torch.empty(64, 3, 400, 400, dtype=torch.uint8).nbytes * 4 == torch.empty(64, 3, 400, 400).nbytes
+    with pytest.raises(TypeError, match="uint8"):
+        to_unit_float(batch32, "cpu")
+    with pytest.raises(ValueError, match="dtype must be"):
+        ImageFolderDataset(grid_dir, 16, dtype=torch.float16)
+
+
 def test_dataset_rejects_bad_arguments(grid_dir):
     with pytest.raises(ValueError, match="mode must be one of"):
         ImageFolderDataset(grid_dir, 32, mode="tiles")

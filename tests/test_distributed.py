@@ -5,8 +5,10 @@ instead of blocking CI. A small entry script (written below) runs train.py in ea
 the process writes under the results folder (Python audit hooks), and saves the process's final parameters
 outside that folder for the test to compare.
 """
+import ast
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +29,7 @@ ENTRY = textwrap.dedent('''
     import os, sys
     results, out, script, argv = os.path.abspath(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
     rank = int(os.environ["RANK"])
+    argv = [a.replace("{rank}", str(rank)) for a in argv]  # e.g. a results folder per rank, as on separate nodes
     writes = []
 
     def audit(event, args):
@@ -160,3 +163,137 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_and_saves(tmp_path, 
     checkpoint = torch.load(results / "stop" / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["step"] == step
     _assert_same_parameters(records, checkpoint)
+
+
+def _ddp_parameters_of_torch_2_11() -> list:
+    path = REPO / "tests" / "data" / "torch_2_11_ddp_parameters.txt"
+    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_every_distributed_data_parallel_call_uses_keywords_torch_2_11_has():
+    """The GPU machines run torch 2.11: a keyword from a later torch (forward_sync_buffers, 2.13) is a TypeError
+    there at the first torchrun, which CPU tests on a newer torch would not see."""
+    known = set(_ddp_parameters_of_torch_2_11())
+    assert {"module", "device_ids", "broadcast_buffers", "gradient_as_bucket_view"} <= known
+    assert "forward_sync_buffers" not in known
+    sources = sorted((REPO / "engine").glob("*.py")) + sorted(REPO.glob("*.py"))
+    calls = []
+    for path in sources:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        names = {"DistributedDataParallel"} | {alias.asname for node in ast.walk(tree)
+                                               if isinstance(node, ast.ImportFrom) for alias in node.names
+                                               if alias.name == "DistributedDataParallel" and alias.asname}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and (getattr(node.func, "id", None) in names
+                                               or getattr(node.func, "attr", None) == "DistributedDataParallel"):
+                where = f"{path.relative_to(REPO)}:{node.lineno}"
+                calls.append(where)
+                for kw in node.keywords:
+                    assert kw.arg is not None, f"{where}: **kwargs in DistributedDataParallel(...) cannot be checked"
+                    assert kw.arg in known, (f"{where}: DistributedDataParallel(..., {kw.arg}=...) does not exist in "
+                                             f"torch 2.11 (tests/data/torch_2_11_ddp_parameters.txt)")
+                # positional arguments beyond the module would bind by position: keep to keywords
+                assert len(node.args) <= 1, f"{where}: pass DistributedDataParallel's options by keyword"
+    assert any(c.startswith("engine/training.py:") for c in calls), calls
+
+
+
+def test_resume_across_nodes_needs_rank_0s_checkpoint_on_every_node(tmp_path, photo_folder):
+    """Two ranks, each with its own results folder (node{rank}), as on two nodes without shared storage: rank 0
+    resumes, rank 1 sees no checkpoint; both must stop with the same line, not hang. With rank 0's last.pt
+    copied to rank 1's folder both resume at the same step and train on identically."""
+    results = tmp_path / "results"
+    flags = ["--run_name", "nodes", "--results_dir", str(results / "node{rank}"), "--train_path", str(photo_folder),
+             *TINY]
+    last = results / "node0" / "nodes" / "checkpoints" / "last.pt"
+    code, out, records = torchrun(tmp_path, results, *flags, "--max_step", "3")
+    assert code == 0, out
+    assert torch.load(last, weights_only=True)["step"] == 3
+    assert not (results / "node1").exists()  # rank 1 writes nothing, anywhere
+
+    code, out, records = torchrun(tmp_path, results, *flags, "--max_step", "5")
+    line = "rank 1 sees no checkpoint at step 3 that rank 0 resumes from"
+    # each rank prints it (torchrun may stop the second before it does, so at least once)
+    assert code != 0 and out.count(line) >= 1, out
+    assert "--results_dir on shared storage" in out and "resuming" not in out
+    assert torch.load(last, weights_only=True)["step"] == 3
+
+    copy = results / "node1" / "nodes" / "checkpoints" / "last.pt"
+    copy.parent.mkdir(parents=True)
+    shutil.copy(last, copy)
+    code, out, records = torchrun(tmp_path, results, *flags, "--max_step", "5")
+    assert code == 0, out
+    assert out.count("resuming") == 1 and "at step 3" in out
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["step"] == 5 and checkpoint["scheduler"]["last_epoch"] == 5
+    _assert_same_parameters(records, checkpoint)
+    assert records[1]["writes"] == []
+    # DDP built with torch 2.11's keywords, and none that a newer torch warns about
+    assert "broadcast_buffers" not in out and "forward_sync_buffers" not in out
+
+
+def _as_rank(monkeypatch, rank, rank0_says=None, others_say=()):
+    """load_resume_checkpoint as rank `rank` of 2, its collectives faked: rank 0's broadcast decision (what rank 0
+    would send) and the verdicts of the other ranks. Returns the list of collectives called."""
+    import engine.checkpoint as ckpt
+    from engine.distributed import Dist
+    called = []
+
+    def broadcast(d, obj, src=0):
+        called.append(("broadcast", obj))
+        return obj if d.rank == src else rank0_says
+
+    def gather(d, obj):
+        called.append(("gather", obj))
+        verdicts = list(others_say)
+        verdicts.insert(d.rank, obj)
+        return verdicts
+
+    monkeypatch.setattr(ckpt, "broadcast_object", broadcast)
+    monkeypatch.setattr(ckpt, "all_gather_object", gather)
+    return Dist(rank=rank, world_size=2, enabled=True), called
+
+
+def test_resume_decision_single_process_reads_its_checkpoint_without_collectives(tmp_path, monkeypatch):
+    from engine.checkpoint import load_resume_checkpoint, save_checkpoint
+    _, called = _as_rank(monkeypatch, 0)
+    last = tmp_path / "last.pt"
+    assert load_resume_checkpoint(last) is None
+    save_checkpoint({"step": 7}, last)
+    assert load_resume_checkpoint(last)["step"] == 7
+    assert called == []
+
+
+def test_resume_decision_under_torchrun(tmp_path, monkeypatch):
+    from engine.checkpoint import load_resume_checkpoint, save_checkpoint
+    last = tmp_path / "last.pt"
+    # rank 0 broadcasts the step it resumes from, and raises what another rank reports
+    d, called = _as_rank(monkeypatch, 0, others_say=[None])
+    assert load_resume_checkpoint(last, d) is None and called[0] == ("broadcast", ("step", None))
+    save_checkpoint({"step": 4}, last)
+    d, called = _as_rank(monkeypatch, 0, others_say=["rank 1 sees no checkpoint at step 4 (...)"])
+    with pytest.raises(ValueError, match=r"^rank 1 sees no checkpoint at step 4 \(\.\.\.\)$"):
+        load_resume_checkpoint(last, d)
+    assert called == [("broadcast", ("step", 4)), ("gather", None)]
+    # rank 1: the same step resumes; another step, none, or one where rank 0 has none is refused
+    d, called = _as_rank(monkeypatch, 1, rank0_says=("step", 4), others_say=[None])
+    assert load_resume_checkpoint(last, d)["step"] == 4 and called[-1] == ("gather", None)
+    for rank0_step, expected in ((5, r"rank 1 sees a checkpoint at step 4 \(.*\), not the one at step 5 that rank 0 "
+                                     r"resumes from: give every node the same results folder"),
+                                 (None, r"rank 1 sees a checkpoint at step 4 \(.*\) but rank 0 sees none")):
+        d, _ = _as_rank(monkeypatch, 1, rank0_says=("step", rank0_step), others_say=[None])
+        with pytest.raises(ValueError, match=expected):
+            load_resume_checkpoint(last, d)
+    d, _ = _as_rank(monkeypatch, 1, rank0_says=("step", 4), others_say=[None])
+    with pytest.raises(ValueError, match=r"^rank 1 sees no checkpoint at step 4 that rank 0 resumes from \(.*\): give "
+                                         r"every node the same results folder \(--results_dir on shared storage\)"):
+        load_resume_checkpoint(tmp_path / "elsewhere.pt", d)
+    # a checkpoint rank 0 cannot read: rank 0 raises its own error, the others say so, nobody waits
+    last.write_bytes(b"not a checkpoint")
+    d, called = _as_rank(monkeypatch, 0)
+    with pytest.raises(ValueError, match="last.pt: refused, .* not a checkpoint at all"):
+        load_resume_checkpoint(last, d)
+    assert called[0][1][0] == "error" and len(called) == 1
+    d, _ = _as_rank(monkeypatch, 1, rank0_says=("error", "ValueError: last.pt: truncated"))
+    with pytest.raises(ValueError, match=r"^rank 0 cannot read the checkpoint it would resume from \(ValueError"):
+        load_resume_checkpoint(last, d)

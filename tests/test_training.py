@@ -205,6 +205,37 @@ def test_with_lr_decay_by_epoch_the_rate_decays_after_the_last_step_of_each_epoc
     assert rates == [1, 1, 0.5, 0.5, 0.5, 0.25, 0.25]
 
 
+@pytest.mark.end_to_end
+def test_the_training_loader_sends_uint8_and_the_loop_trains_on_floats(tmp_path, photo_folder, monkeypatch):
+    """The training DataLoader yields uint8 batches (a quarter of float32's bytes through shared memory and the
+    copy to the device); the loop converts each on the training device with to_unit_float, so the trainer's step
+    receives float32 in [0, 1]. The held-out loaders stay float32."""
+    seen = {}
+    real_convert, real_step, real_eval_loader = training.to_unit_float, Trainer.step, training._Run._eval_loader
+
+    def convert(batch, device):
+        seen.setdefault("loader", (batch.dtype, tuple(batch.shape)))
+        return real_convert(batch, device)
+
+    def step(self, x, step_index):
+        seen.setdefault("step", (x.dtype, float(x.min()), float(x.max()), x.device.type))
+        return real_step(self, x, step_index)
+
+    def eval_loader(self, paths, max_images):
+        loader = real_eval_loader(self, paths, max_images)
+        seen["eval"] = loader.dataset.dtype
+        return loader
+
+    monkeypatch.setattr(training, "to_unit_float", convert)
+    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.setattr(training._Run, "_eval_loader", eval_loader)
+    _run(tmp_path, "--max_step", "1", "--train_path", str(photo_folder))
+    assert seen["loader"] == (torch.uint8, (2, 3, 32, 32))
+    dtype, low, high, device = seen["step"]
+    assert dtype == torch.float32 and 0 <= low and high <= 1 and device == "cpu"
+    assert seen["eval"] == torch.float32
+
+
 def test_pair_labels_are_made_on_the_device_asked_for():
     from engine.losses import pair_labels, yuv_mse
     labels = pair_labels(3, torch.device("meta"))
