@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_NAME ?= demo
 # The demo: a short baseline run on CPU on the photos scikit-image ships (see docs/demo.md).
-DEMO_FLAGS ?= --recipe robust --image_size 64 --eval_size 128 --batch_size 8 --max_step 3000 --scanner narrow --lr 3e-4 \
+DEMO_FLAGS ?= --recipe robust_v1 --image_size 64 --eval_size 128 --batch_size 8 --max_step 3000 --scanner narrow --lr 3e-4 \
 	--img_w 8 --ramp_steps 1000 --val_every 500 --save_every 500 --device cpu
 
 .PHONY: demo test install clean-demo mutation wheelhouse

@@ -22,7 +22,7 @@ def parse(argv=None):
             chain = augmentation_chain(args, kind="plain_da")
         except ValueError as e:
             parser.error(f"--augs: {e}")
-        views = combine_views(views, augmented_view(chain, args.rs_w, args.aug_downscale))
+        views = combine_views(views, augmented_view(chain, args.rs_w, args.aug_downscale, args.aug_resample))
     return parser, args, views
 
 

@@ -38,7 +38,7 @@ def parse(argv=None):
         parser.error(f"--augs: {e}")
     views = [gaussian_noise_view(args.std, args.rs_w),
              augmented_noisy_view(chain, args.std, args.aug_start, args.aug_end, args.aug_w, args.aug_strength_ramp,
-                                  args.aug_downscale)]
+                                  args.aug_downscale, args.aug_resample)]
     if args.plain_ce:
         views.insert(0, plain_view(args.rs_w))
     return parser, args, combine_views(*views)

@@ -354,6 +354,27 @@ class DownUpResize(Corruption):
         return f"scale={self.scale}"
 
 
+class Shift(Corruption):
+    """Translation by (dx, dy), each ±U(pixels) per sample with its own random sign (kornia `translate`, bilinear):
+    whole pixels move the stamp to another phase of the pixel grid (a crop by a few rows does that, and strided
+    convolutions read each phase differently), fractions of a pixel interpolate it (a resampling's half-pixel offset
+    does that). The uncovered strip is filled per `padding_mode` ('reflection': no black border to read)."""
+
+    name = "shift"
+
+    def __init__(self, pixels: Range = (0.0, 16.0), padding_mode: str = "reflection"):
+        super().__init__()
+        self.pixels = _as_range("pixels", pixels, 0, 1024)
+        self.padding_mode = padding_mode
+
+    def corrupt(self, x, s):
+        shift = torch.stack([s * self._sign(s) * self._uniform(self.pixels, s) for _ in range(2)], -1)  # (B,2): dx, dy
+        return kornia.geometry.transform.translate(x, shift, padding_mode=self.padding_mode, align_corners=True)
+
+    def extra_repr(self):
+        return f"pixels={self.pixels}, padding_mode={self.padding_mode!r}"
+
+
 class JPEG(Corruption):
     """JPEG compression at quality U(quality) (1–100), per sample.
 
@@ -382,6 +403,42 @@ class JPEG(Corruption):
 
     def extra_repr(self):
         return f"quality={self.quality}, mode={self.mode!r}"
+
+
+class RealCodec(Corruption):
+    """A real lossy codec per image: libjpeg (4:2:0, Pillow's default) or libwebp (lossy, method 4) through Pillow at
+    quality U(quality), the format drawn per image from `formats`; strength s moves the quality from 100 towards the
+    draw. Its gradient is the identity (straight-through, as JPEG's "real" mode): the forward pass is what a platform
+    sends, the backward pass what the differentiable corruptions around it give.
+
+    It reads the batch back to the host (on a GPU the step waits for it: three reads per call) and runs a CPU codec
+    for each image, so the stochastic chain's 'all' leaves it out (augment.registry.OPT_IN): name it to use it."""
+
+    name = "codec"
+    FORMATS = ("jpeg", "webp")
+
+    def __init__(self, quality: Range = (50.0, 95.0), formats: tuple[str, ...] = FORMATS):
+        super().__init__()
+        self.quality = _as_range("quality", quality, 1, 100)
+        formats = tuple(formats)
+        if not formats or any(f not in self.FORMATS for f in formats):
+            raise ValueError(f"codec formats must be some of {self.FORMATS}, got {formats}")
+        self.formats = formats
+
+    def corrupt(self, x, s):
+        quality = 100 - s * (100 - self._uniform(self.quality, s))
+        pick = (self._rand(s) * len(self.formats)).long().clamp(max=len(self.formats) - 1)
+        out = []
+        # the host reads (see the docstring): the batch in one copy, then the qualities and formats
+        for image, q, k in zip(x.detach().float().cpu(), quality.tolist(), pick.tolist()):
+            options = dict(quality=int(round(q)), lossless=False) if self.formats[k] == "webp" else \
+                dict(quality=int(round(q)))
+            out.append(torch.from_numpy(encode_decode(to_pixels(image), self.formats[k].upper(), **options)))
+        decoded = torch.stack(out).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255
+        return decoded + (x - x.detach())  # exact values, identity gradient
+
+    def extra_repr(self):
+        return f"quality={self.quality}, formats={self.formats}"
 
 
 def to_pixels(image: torch.Tensor) -> np.ndarray:

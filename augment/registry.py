@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from .corruptions import (JPEG, ColorJitter, Corruption, DefocusBlur, DownUpResize, GaussianBlur, GaussianNoise,
-                          Perspective, ResizedCrop, Rotation)
+                          Perspective, RealCodec, ResizedCrop, Rotation, Shift)
 
 #: name → class, in the order pictures and tables show them
 CORRUPTIONS: dict[str, type[Corruption]] = {c.name: c for c in (
-    Rotation, ResizedCrop, ColorJitter, GaussianBlur, DefocusBlur, Perspective, GaussianNoise, DownUpResize, JPEG)}
+    Rotation, ResizedCrop, ColorJitter, GaussianBlur, DefocusBlur, Perspective, GaussianNoise, DownUpResize, JPEG,
+    Shift, RealCodec)}
+#: corruptions that 'all' leaves out, used only when named: the real codecs read each batch back to the host (on a
+#: GPU the step waits for them)
+OPT_IN = ("codec",)
 
 #: Keyword arguments of each corruption per preset. "train" covers at least the paper's training ranges
 #: (crop scale 0.7–1, rotation ±30°, jitter ≤ 0.3, blur kernel 3–7 with σ 1–3, perspective 0.1, JPEG quality
@@ -24,6 +28,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         "noise": dict(std=(0.01, 0.05)),
         "resize": dict(scale=(0.5, 1.0)),
         "jpeg": dict(quality=(50, 100), mode="differentiable"),
+        "shift": dict(pixels=(0.0, 16.0)),  # 16: the grid period a stamp was seen locked to (docs/models.md)
+        "codec": dict(quality=(50, 95), formats=("jpeg", "webp")),
     },
     "eval": {
         "rotation": dict(degrees=(0, 45)),
@@ -35,19 +41,22 @@ PRESETS: dict[str, dict[str, dict]] = {
         "noise": dict(std=(0.02, 0.1)),
         "resize": dict(scale=(0.25, 1.0)),
         "jpeg": dict(quality=(30, 90), mode="real"),
+        "shift": dict(pixels=(0.0, 32.0)),
+        "codec": dict(quality=(30, 90), formats=("jpeg", "webp")),
     },
 }
 
 
 def parse_names(text: str | list[str] | tuple[str, ...]) -> list[str]:
-    """'rotation,jpeg' (or a list, or 'all') → validated corruption names, in the order given."""
+    """'rotation,jpeg' (or a list, or 'all': every corruption but OPT_IN's) → validated corruption names, in the
+    order given."""
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     if names == ["all"]:
-        return list(CORRUPTIONS)
+        return [n for n in CORRUPTIONS if n not in OPT_IN]
     unknown = [n for n in names if n not in CORRUPTIONS]
     if unknown or not names:
         raise ValueError(f"unknown corruption {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"choose from {', '.join(CORRUPTIONS)} or 'all'")
+                         f"choose from {', '.join(CORRUPTIONS)} or 'all' (all but {', '.join(OPT_IN)})")
     if len(set(names)) != len(names):
         raise ValueError(f"corruption listed twice in {','.join(names)}")
     return names

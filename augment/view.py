@@ -1,6 +1,8 @@
 """The training half of augmentation: the chain a script's flags ask for, and the views it adds to the loop."""
 from __future__ import annotations
 
+from typing import Callable
+
 import kornia
 import torch
 
@@ -9,6 +11,7 @@ from engine.training import ViewFn, ramp
 
 from .chain import StochasticChain
 from .original import original_chain
+from .resample import PlatformResampling
 
 
 def augmentation_chain(args, kind: str):
@@ -47,34 +50,47 @@ def random_downscale(images: torch.Tensor, smallest: float) -> torch.Tensor:
     return kornia.geometry.transform.rescale(images, factor, antialias=True)
 
 
-def augmented_view(chain, weight: float = 1.0, downscale: float = 1.0) -> ViewFn:
+def resampler(resample) -> Callable[[torch.Tensor], torch.Tensor]:
+    """--aug_resample: True → augment.resample.PlatformResampling() (stamp.py's round trip, a platform's resampling,
+    scan.py's working-size step: one draw per batch), False/None → the identity; a module or function: itself."""
+    if resample is True:
+        return PlatformResampling()
+    return resample or (lambda images: images)
+
+
+def augmented_view(chain, weight: float = 1.0, downscale: float = 1.0, resample=False) -> ViewFn:
     """Plain+DA (train.py --aug): the scanner also sees [chain(x), chain(x')], the chain applied to the clean and
     the stamped halves separately (each call draws its own parameters), at full strength, with `weight`; the pair
-    first shrunk by `random_downscale(pair, downscale)`."""
+    first shrunk by `random_downscale(pair, downscale)`, then, with `resample` (--aug_resample), sent through
+    `resampler(resample)` as one batch (the clean and the stamped half alike)."""
+    resample = resampler(resample)
 
     def view(pair: torch.Tensor, step: int) -> list[View]:
-        clean, stamped = random_downscale(pair, downscale).chunk(2)
+        clean, stamped = resample(random_downscale(pair, downscale)).chunk(2)
         return [View("aug", torch.cat([chain(clean), chain(stamped)]), weight=weight)]
 
     return view
 
 
 def augmented_noisy_view(chain, std: float, aug_start: int, aug_end: int, aug_w: float = 1.0,
-                         strength_ramp: bool = True, downscale: float = 1.0) -> ViewFn:
+                         strength_ramp: bool = True, downscale: float = 1.0, resample=False) -> ViewFn:
     """A view function for the shared loop: L_A^DA on `clamp(chain(v)) + N(0, std²)` for v in [x, x'].
 
     Its weight in L_A is `ramp(step, aug_start, aug_end, slope=aug_w)`: 0 before aug_start (the view is left out,
     saving its cost), rising to 1. With `strength_ramp` the chain's strength follows the same ramp, otherwise it
     is full from the start (the original). The noise is not clamped, as in the smoothing view, so that the
     scanner can be certified at sigma = std. With `downscale` < 1 the pair is first shrunk by
-    `random_downscale(pair, downscale)`.
+    `random_downscale(pair, downscale)`; with `resample` (--aug_resample) it then goes through `resampler(resample)`
+    before the chain.
     """
+    resample = resampler(resample)
 
     def view(pair: torch.Tensor, step: int) -> list[View]:
         weight = ramp(step, aug_start, aug_end, aug_w)
         if weight == 0:
             return []
-        corrupted = chain(random_downscale(pair, downscale), weight if strength_ramp else None).clamp(0, 1)
+        pair = resample(random_downscale(pair, downscale))
+        corrupted = chain(pair, weight if strength_ramp else None).clamp(0, 1)
         return [View("aug", corrupted + std * torch.randn_like(corrupted), weight=weight)]
 
     return view

@@ -117,8 +117,10 @@ def build_parser(description: str, script: str) -> argparse.ArgumentParser:
     p.add_argument("--recipe", choices=sorted(RECIPES), default="original",
                    help="every setting not given on the command line comes from this recipe: 'original' is the "
                         "original code's training (the paper's experiment: 400x400 MIRFlickr, its encoder and "
-                        "detector, batch 64), 'robust' ours for small crops on CPU (the demo and the shipped "
-                        "models). Each flag's help shows both values; see docs/fidelity.md")
+                        "detector, batch 64), 'robust' ours for small crops on CPU, 'robust_v1' the robust recipe "
+                        "as the demo and the five shipped models were trained (no perceptual shaping, no "
+                        "resampling stage, nine corruptions). Each flag's help shows every recipe's value; see "
+                        "docs/fidelity.md")
     run = p.add_argument_group("run")
     r = RecipeGroup(p, run, script)
     run.add_argument("--run_name", required=True,
@@ -204,6 +206,12 @@ def build_parser(description: str, script: str) -> argparse.ArgumentParser:
                "+ ramp_steps); a negative value never freezes")
     model.add_argument("--encoder_width", type=positive_float, default=1.0,
                        help="channel multiplier of the unet encoder (1.0 = StegaStamp's 32-32-64-128-256)")
+    # perceptual shaping (models.jnd, docs/method.md)
+    m.add("--jnd", type=non_negative_float, metavar="STRENGTH",
+          help="perceptual shaping of the residual: multiply it per pixel by the photo's just-noticeable-difference "
+               "map to the power STRENGTH (the map: 1 in texture, near edges and in deep shadow, 0.25 on flat "
+               "mid-grey; the bound becomes max_residual times it); 0 = off. Stored in the encoder's config, so "
+               "stamp.py and evaluate.py shape as training did; with --init_from it replaces the model's")
 
     opt = p.add_argument_group("optimisation and loss weights")
     o = RecipeGroup(p, opt, script)
@@ -223,6 +231,11 @@ def build_parser(description: str, script: str) -> argparse.ArgumentParser:
     o.add("--lps_w", type=non_negative_float,
           help="weight of L_ps, LPIPS(AlexNet); 0 skips loading it. Off, with one line saying so, when "
                "torchvision cannot load the AlexNet weights")
+    o.add("--flat_w", type=non_negative_float,
+          help="weight of L_flat relative to img_w: the YUV-weighted MSE of L_rr with each pixel weighed by the "
+               "inverse square of the photo's just-noticeable-difference map, normalised to mean 1 per photo (a flat "
+               "mid-grey pixel counts up to 16 times a textured one); it joins img_w·(L_rr + flat_w·L_flat) under "
+               "the image-loss ramp; 0 = off")
     o.add("--rs_w", "--acc_w", dest="rs_w", type=non_negative_float,
           help="weight of the scanner's cross-entropy on the plain or noisy pair [x, x'] in L_A (--acc_w: the "
                "same flag)")
@@ -269,7 +282,7 @@ def build_parser(description: str, script: str) -> argparse.ArgumentParser:
 
 def add_aug_flags(parser: argparse.ArgumentParser, group) -> None:
     """The augmentation flags of train.py (with its --aug switch) and train_rs_aug.py."""
-    from augment import CORRUPTIONS
+    from augment import CORRUPTIONS, OPT_IN
 
     g = RecipeGroup(parser, group, parser.script)
     if parser.script == "train":
@@ -285,14 +298,22 @@ def add_aug_flags(parser: argparse.ArgumentParser, group) -> None:
     g.add("--aug_prb", "--aug_prob", dest="aug_prb", type=probability,
           help="probability that the chain applies each corruption (per batch for 'original', per image for "
                "'stochastic'; --aug_prob: the same flag)")
-    group.add_argument("--augs", default="all",
-                       help=f"the stochastic chain's corruptions, comma-separated, or 'all': {', '.join(CORRUPTIONS)}")
+    g.add("--augs",
+          help=f"the stochastic chain's corruptions, comma-separated, or 'all' (every one but "
+               f"{', '.join(OPT_IN)}, which reads each batch back to the host): {', '.join(CORRUPTIONS)}")
     group.add_argument("--aug_downscale", type=probability, default=1.0, metavar="SMALLEST",
                        help="before the chain, shrink the augmented pair (each side × one factor per batch, drawn "
                             "uniformly from 8 evenly spaced values from SMALLEST to 1, so that the scanner sees at "
                             "most 8 input shapes and cuDNN autotunes only those; antialiased) and do not scale it "
                             "back, so that the scanner learns the stamp of a photo a platform downscaled before "
                             "recompressing it; 1 = off, as the original")
+    # resampling as platforms and the product do it (augment.resample, docs/augmentation.md)
+    g.add("--aug_resample", type=on_off,
+          help="before the chain (after --aug_downscale), send the augmented pair where a photo goes, one draw per "
+               "batch: stamp.py's round trip for a photo of 2x or 4x the working size (the residual upsampled to "
+               "it), a platform's resampling of each side by 0.4 to 2 (area, bilinear, bicubic or Lanczos, as "
+               "Pillow's), 8-bit files, then scan.py's step down to the working size; the scanner reads it at "
+               "that size (at most 10 shapes: a grid)")
 
 
 def parse(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:

@@ -1,4 +1,5 @@
-"""The paper's losses: residual regularisation L_rr, perceptual L_ps (LPIPS), anti-forwarding L_A."""
+"""The paper's losses: residual regularisation L_rr, perceptual L_ps (LPIPS), anti-forwarding L_A; and ours, the
+flat-weighted image loss L_flat (perceptual shaping, docs/method.md)."""
 from __future__ import annotations
 
 import functools
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 import kornia
 import torch
 import torch.nn.functional as F
+
+from models.jnd import jnd_map
 
 from .device import constant
 
@@ -61,6 +64,26 @@ def residual_regularisation(stamped, original, unbounded_residual, l1_weight: fl
     scanner cannot tell from a darker photo: seen in a 3,000-step demo run, 26 dB and 60% accuracy for good).
     """
     return yuv_mse(stamped, original, yuv_weights) + l1_weight * unbounded_residual.abs().mean()
+
+
+def flat_weights(original: torch.Tensor) -> torch.Tensor:
+    """Per-pixel weights of the flat-weighted image loss: ĵ(x)^−2 (models.jnd.jnd_map of the clean photo x,
+    (B,3,H,W) in [0,1]), normalised to mean 1 over each photo → (B,1,H,W) fp32, no gradient.
+
+    ĵ^−2 counts an error in units of the local just-noticeable difference, squared: a flat mid-grey pixel (ĵ = 0.25)
+    weighs 16 times a textured one (ĵ = 1). The mean-1 normalisation keeps the term's size that of the plain MSE
+    for a residual spread evenly over the photo, so that it moves the stamp's energy out of flat regions rather
+    than shrinking the stamp as a whole."""
+    w = jnd_map(original).pow(-2)
+    return w / w.mean(dim=(2, 3), keepdim=True)
+
+
+def flat_weighted_mse(stamped: torch.Tensor, original: torch.Tensor, weights=YUV_WEIGHTS) -> torch.Tensor:
+    """L_flat: Σ_c w_c · mean(W · (YUV(x') − YUV(x))_c²), W = flat_weights(x): the YUV-weighted MSE of L_rr with
+    each pixel weighed by how visible a change is there (flat mid-tones most). Both (B,3,H,W) in [0,1] → scalar."""
+    diff = rgb_to_yuv(stamped) - rgb_to_yuv(original)
+    per_channel = (flat_weights(original) * diff.pow(2)).mean(dim=(0, 2, 3))
+    return (per_channel * constant(tuple(map(float, weights)), per_channel.device, per_channel.dtype)).sum()
 
 
 def load_lpips(device, log=print):

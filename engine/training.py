@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +39,7 @@ from .device import (amp_dtype, autocast, configure_speed, rng_state, seed_every
                      use_channels_last)
 from .distributed import Dist, StopRequest, all_gather_object, all_reduce_mean
 from .evaluation import evaluate, preview_rows, save_preview
-from .losses import View, load_lpips, pair_labels, perceptual_loss, residual_regularisation
+from .losses import View, flat_weighted_mse, load_lpips, pair_labels, perceptual_loss, residual_regularisation
 from .recipes import MIRFLICKR_DIR
 from .rundir import RunDir
 
@@ -94,7 +94,8 @@ class _Pair(nn.Module):
 
     forward(x (B,3,H,W) in [0,1], step) → (unbounded residual u (B,3,H,W) fp32, stamped (B,3,H,W) fp32, [(View,
     logits (2B,C) fp32)]): the encoder and the scanner run under autocast on CUDA when `amp`; u is cast to fp32
-    and bounded there (δ = encoder.bound(u)), as δ is far below bf16's resolution near 1.0. The stamped image is
+    and bounded there (δ = encoder.bound(u, x): shaped by x's JND map when the encoder's config.jnd > 0, u then
+    the shaped residual before its bound), as δ is far below bf16's resolution near 1.0. The stamped image is
     x + δ, clamped to [0,1] when `clamp_stamp` (what an image file can hold), unclamped otherwise (the original).
     u, not δ, is what the L1 term regularises (see engine.losses.residual_regularisation). With `grid_shift` S,
     the views start from the pair [x, x'] with each image cropped at its own random offset of 0..S pixels.
@@ -111,7 +112,7 @@ class _Pair(nn.Module):
         with autocast(self.device, self.amp):
             unbounded = self.encoder(x, bounded=False)
         unbounded = unbounded.float()
-        stamped = x + self.encoder.bound(unbounded)
+        stamped = x + self.encoder.bound(unbounded, x)
         if self.clamp_stamp:
             stamped = stamped.clamp(0, 1)
         outputs = []
@@ -153,11 +154,16 @@ class Trainer:
             if init[0] is None:
                 raise ValueError(f"--init_from {args.init_from}: holds a scanner only (no encoder to fine-tune)")
             enc_cfg, scan_cfg = init[0].config, init[1].config
+            # Perceptual shaping is a training choice, not architecture (no weights): --jnd sets it for the fine-tune.
+            enc_cfg = replace(enc_cfg, jnd=getattr(args, "jnd", enc_cfg.jnd))
             log(f"fine-tuning from {args.init_from}: its architecture (encoder {enc_cfg}, scanner {scan_cfg}) and "
-                f"weights; --encoder, --encoder_width, --max_residual, --padding_mode and --scanner are not used")
+                f"weights; --encoder, --encoder_width, --max_residual, --padding_mode and --scanner are not used"
+                + (f"; --jnd {enc_cfg.jnd} replaces its perceptual shaping ({init[0].config.jnd})"
+                   if enc_cfg.jnd != init[0].config.jnd else ""))
         else:
             enc_cfg = StampEncoderConfig(width=args.encoder_width, max_residual=args.max_residual,
                                          padding_mode=args.padding_mode, arch=args.encoder)
+            enc_cfg = replace(enc_cfg, jnd=getattr(args, "jnd", 0.0))  # perceptual shaping (models.jnd)
             scan_cfg = ScannerConfig(arch=args.scanner, padding_mode=args.padding_mode)
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.encoder = StampEncoder(enc_cfg).to(self.device, memory_format=memory_format)
@@ -279,6 +285,11 @@ class Trainer:
                    else torch.zeros((), device=self.device))
         weight = image_loss_ramp(step, args.warmup_steps, args.ramp_steps, self.ramp_slope)
         loss = weight * (args.img_w * loss_rr + args.lps_w * loss_ps) + loss_a
+        flat_w = getattr(args, "flat_w", 0.0)
+        if flat_w > 0:  # perceptual shaping's image loss (engine.losses.flat_weighted_mse), under the same ramp
+            loss_flat = flat_weighted_mse(stamped, x, self.yuv_weights)
+            loss = loss + weight * args.img_w * flat_w * loss_flat
+            terms["loss/L_flat"] = loss_flat.detach()
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -470,6 +481,13 @@ class _Run:
         if changed:
             self.log("warning: flags differ from the checkpoint's run; the model keeps its saved architecture: "
                      + ", ".join(changed))
+        # Flags added to the code after the checkpoint was written take their values (a recipe's, perhaps) from now
+        # on: say so, as a resumed run's loss changes with them (e.g. --flat_w). The encoder's --jnd is its saved one.
+        added = [f"--{k} {now[k]}" for k in sorted(now) if before and k not in before and k not in RESUMABLE_FLAGS
+                 and (now[k] is None or isinstance(now[k], (str, int, float, bool)))]
+        if added:
+            self.log(f"note: flags newer than the checkpoint apply from step {self.start_step}: " + ", ".join(added)
+                     + f" (the encoder keeps its saved perceptual shaping, jnd {self.encoder.config.jnd})")
 
     def save(self, step: int, collective: bool = True) -> None:
         """Rank 0 writes the checkpoint. With `collective` every rank must call this (their RNG states are

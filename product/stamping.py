@@ -45,6 +45,15 @@ def to_working(x: torch.Tensor, working_size: int) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
+def upsample_residual(residual: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """residual (B,C,h,w) at the working resolution → (B,C,H,W) at the photo's `size` (UPSAMPLE_MODE, pixel
+    centres aligned); itself when already that size. stamp.py's round trip, and the training that models it
+    (augment.resample), go through this function."""
+    if tuple(residual.shape[-2:]) == tuple(size):
+        return residual
+    return F.interpolate(residual, size=tuple(size), mode=UPSAMPLE_MODE, align_corners=False)
+
+
 def fit_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
     """(H,W,3) uint8 → (size,size,3) uint8: the central square, resized (bicubic), exactly as the original code
     prepares a photo (`ImageOps.fit(image, (size, size))`). For networks with a fixed input size (`input_size`:
@@ -88,8 +97,7 @@ def stamp_pixels(encoder: torch.nn.Module, pixels: np.ndarray, working_size: int
     work = to_working(photo.float().div_(255), working_size)
     with full_precision(device):  # fp32 on every device: the same stamp from a GPU as from a CPU
         residual = encoder(work.contiguous(memory_format=torch.channels_last)).float()
-    if residual.shape[-2:] != (height, width):
-        residual = F.interpolate(residual, size=(height, width), mode=UPSAMPLE_MODE, align_corners=False)
+    residual = upsample_residual(residual, (height, width))
     # In 0..255 units: round(clamp(255·x + 255·δ, 0, 255)) = round(255·clamp(x + δ, 0, 1)).
     stamped = photo.float().add_(residual, alpha=255).round_().clamp_(0, 255).to(torch.uint8)
     # .float() and .to() keep the channels-last strides of `photo`, so this permute is already contiguous

@@ -176,7 +176,7 @@ def test_down_up_resize_at_half_size_matches_pillow_closely():
 # ------------------------------------------------------------------------------------ registry, chain
 
 def test_registry_names_presets_and_errors():
-    assert parse_names("all") == ALL
+    assert parse_names("all") == [n for n in ALL if n != "codec"]  # the real codec only when named (augment.OPT_IN)
     assert parse_names(" jpeg, rotation ") == ["jpeg", "rotation"]
     with pytest.raises(ValueError, match="unknown corruption 'blurr'"):
         parse_names("jpeg,blurr")
@@ -206,7 +206,8 @@ def test_the_training_and_evaluation_ranges_are_the_documented_ones():
             "gaussian_blur": dict(kernel_size=(3, 7), sigma=(1.0, 3.0)),
             "defocus": dict(radius=(1.0, 3.0), alias_blur=0.5), "perspective": dict(distortion=(0.0, 0.1)),
             "noise": dict(std=(0.01, 0.05)), "resize": dict(scale=(0.5, 1.0)),
-            "jpeg": dict(quality=(50, 100), mode="differentiable"),
+            "jpeg": dict(quality=(50, 100), mode="differentiable"), "shift": dict(pixels=(0.0, 16.0)),
+            "codec": dict(quality=(50, 95), formats=("jpeg", "webp")),
         },
         "eval": {
             "rotation": dict(degrees=(0, 45)), "crop": dict(scale=(0.4, 1.0)),
@@ -214,7 +215,8 @@ def test_the_training_and_evaluation_ranges_are_the_documented_ones():
             "gaussian_blur": dict(kernel_size=(3, 9), sigma=(1.0, 4.0)),
             "defocus": dict(radius=(3.0, 6.0), alias_blur=0.5), "perspective": dict(distortion=(0.0, 0.4)),
             "noise": dict(std=(0.02, 0.1)), "resize": dict(scale=(0.25, 1.0)),
-            "jpeg": dict(quality=(30, 90), mode="real"),
+            "jpeg": dict(quality=(30, 90), mode="real"), "shift": dict(pixels=(0.0, 32.0)),
+            "codec": dict(quality=(30, 90), formats=("jpeg", "webp")),
         },
     }
 
@@ -346,7 +348,7 @@ def test_aug_downscale_shrinks_the_pair_once_per_batch_before_the_chain():
     augmented_noisy_view(chain, std=0.0, aug_start=0, aug_end=0)(pair, 1)  # default: off, the pair as it is
     assert torch.equal(chain.calls[0][0], pair)
     _, args, views = train_rs_aug.parse(["--run_name", "r", "--recipe", "robust", "--aug_downscale", "0.6",
-                                         "--aug_start", "0", "--aug_end", "0"])
+                                         "--aug_start", "0", "--aug_end", "0", "--aug_resample", "off"])
     assert args.aug_downscale == 0.6
     torch.manual_seed(0)
     widths = {views(pair, 1)[-1].images.shape[-1] for _ in range(8)}  # the grid's top value (1) leaves it at 96
@@ -376,11 +378,11 @@ def test_train_rs_aug_views_and_their_weights(recipe, names):
     got = views(_photo(batch=4), 2)
     assert [v.name for v in got] == names
     assert [v.weight for v in got] == [3.0] * (len(names) - 1) + [0.5]
-    if recipe == "robust":  # every corruption, the training ranges, each applied with probability 0.5
+    if recipe == "robust":  # every corruption but the real codec, the training ranges, each with probability 0.5
         from augment.view import augmentation_chain
         chain = augmentation_chain(args, "rs_aug")
         assert isinstance(chain, StochasticChain) and chain.p == 0.5
-        assert [repr(c) for c in chain.corruptions] == [repr(build(name, "train")) for name in ALL]
+        assert [repr(c) for c in chain.corruptions] == [repr(build(name, "train")) for name in ALL if name != "codec"]
 
 
 # ---------------------------------------------------------------------------------------- the script
@@ -435,4 +437,6 @@ def test_benchmark_times_every_corruption_and_the_chain(capsys):
     results = benchmark.main(["--quick", "--sizes", "32", "--device", "cpu"])
     (row,) = results.values()
     assert {f"{n} (train)" for n in ALL} <= set(row) and all(ms > 0 for ms in row.values())
-    assert "chain of all nine, p=0.5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "chain of all 10 ('all'), p=0.5" in out and "resample: stamp.py's round trip at 4×" in out
+    assert "--aug_resample, mean of 2 draws" in row

@@ -56,11 +56,16 @@ def test_the_ramp_is_linear_from_start_to_end_and_a_step_when_they_meet():
 
 
 def test_the_recipes_table_per_script_and_in_the_help():
-    assert describe("lr", "train") == " [original: 5e-05; robust: 0.0001]"
-    assert describe("val_every", "train") == " [original: 2000; robust: 1000]"
-    assert describe("val_every", "train_rs") == " [original: 1000; robust: 1000]"  # the original's train_rs.py
+    assert describe("lr", "train") == " [original: 5e-05; robust: 0.0001; robust_v1: 0.0001]"
+    assert describe("val_every", "train") == " [original: 2000; robust: 1000; robust_v1: 1000]"
+    assert describe("val_every", "train_rs") == " [original: 1000; robust: 1000; robust_v1: 1000]"  # the original's
+    # robust_v1: the robust recipe as the shipped models were trained, without issue 37's shaping and resampling
+    assert {k for k in settings("robust", "train") if settings("robust", "train")[k] != settings("robust_v1", "train")[k]
+            } == {"jnd", "flat_w", "aug_resample", "augs"}
+    assert settings("robust_v1", "train_rs_aug")["augs"].split(",") == [
+        "rotation", "crop", "jitter", "gaussian_blur", "defocus", "perspective", "noise", "resize", "jpeg"]
     assert settings("original", "train_rs_aug")["ramp_steps"] == 0 and settings("original", "train")["ramp_steps"] == 1
-    with pytest.raises(ValueError, match=r"^unknown recipe 'fast'; choose one of \['original', 'robust'\]$"):
+    with pytest.raises(ValueError, match=r"^unknown recipe 'fast'; choose one of \['original', 'robust', 'robust_v1'\]$"):
         settings("fast", "train")
 
 

@@ -254,7 +254,7 @@ class _NanGradient(torch.autograd.Function):
 @pytest.mark.parametrize("fault, log_every, message", [
     ("loss", "50", "non-finite loss/L_rr, loss/total at step 3"),
     ("loss", "1", "non-finite loss/L_rr, loss/total at step 3"),
-    ("gradient", "50", "non-finite L_A/plain, loss/L_A, loss/L_rr, loss/total, train/psnr at step 4"),
+    ("gradient", "50", "non-finite L_A/plain, loss/L_A, loss/L_flat, loss/L_rr, loss/total, train/psnr at step 4"),
     ("gradient", "3", "non-finite weights at step 3 while every loss term was finite"),
 ])
 def test_a_non_finite_step_stops_the_run_by_name_and_nothing_is_saved_after_it(tmp_path, photo_folder, monkeypatch,

@@ -148,15 +148,17 @@ def _trainer(monkeypatch, *flags):
      {0: 0.0, 1: 0.25, 2: 0.5, 3: 0.75, 4: 1.0, 9: 1.0}),
 ])
 def test_each_step_weighs_the_image_losses_by_the_warmup_and_ramp(monkeypatch, flags, weights):
-    """loss = ramp(step)·(img_w·L_rr + lps_w·L_ps) + L_A, with the ramp's value computed here by hand; L_rr and
-    L_ps are far from 0, so ignoring the ramp (or the warm-up, or its slope) changes the total."""
+    """loss = ramp(step)·(img_w·(L_rr + flat_w·L_flat) + lps_w·L_ps) + L_A, with the ramp's value computed here by
+    hand (the robust recipe's flat_w 1); L_rr and L_ps are far from 0, so ignoring the ramp (or the warm-up, or its
+    slope) changes the total."""
     trainer, args = _trainer(monkeypatch, *flags)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for step, weight in weights.items():
         terms = trainer.step(x, step)
         l_rr, l_ps, l_a = terms["loss/L_rr"], terms["loss/L_ps"], terms["loss/L_A"]
         assert l_rr > 1e-3 and l_ps > 1e-3
-        expected = weight * (args.img_w * l_rr + 0.5 * l_ps) + l_a
+        assert args.flat_w == 1.0 and terms["loss/L_flat"] > 1e-3
+        expected = weight * (args.img_w * (l_rr + terms["loss/L_flat"]) + 0.5 * l_ps) + l_a
         assert terms["loss/total"].item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-7), step
 
 
