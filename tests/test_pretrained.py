@@ -20,19 +20,20 @@ from test_stamp_scan import cli
 SHIPPED = Path(__file__).resolve().parents[1] / "pretrained_models"
 MODELS = ["baseline", "rs/sigma_0.25", "rs/sigma_0.5", "rs/sigma_0.75", "rs_aug"]
 #: The models whose stamp does not survive stamp.py's working-resolution round trip on photos over 512 px
-#: (issue 37 mends them): their tests on such photos are strict xfails. rs/sigma_0.5 reads them since its margin
-#: was calibrated by the product stage (m −6.3: every stamped photo of 50 caught at 2× and 4×).
-ROUND_TRIP_LOST = {"rs/sigma_0.75"}
+#: (issue 37 mends them): their tests on such photos are strict xfails. None today: rs/sigma_0.5 and rs/sigma_0.75
+#: read them since their margins were calibrated by the product stage on all 14 pipelines (m −6.3 and −6.04: every
+#: stamped photo of 50 caught as stamped at 2× and 4×).
+ROUND_TRIP_LOST: set[str] = set()
 ROUND_TRIP_REASON = (
     "the stamp does not survive stamp.py's working-resolution round trip (residual made at 512 px, upsampled to the "
     "photo, downscaled again by scan.py): on photos over 512 px stamped reads clean or abstains; with --working_size 0 "
     "for both all are caught; its card and docs/models.md")
 
 
-#: rs/sigma_0.25 at its calibrated margin 3.47 (the middle of a wide gap, -4.74 to 11.68) misses one sample photo
-#: over 512 px: the stamped rocket.png (640 px) reads clean after the working-size round trip.
-SAMPLES_LOST = {"rs/sigma_0.25": "at its calibrated margin 3.47 the stamped rocket.png (640 px) reads clean after "
-                                 "stamp.py's working-size round trip (issue 37)"}
+#: Models that miss one of the sample photos after stamp.py's round trip, with why (strict xfails). None today:
+#: rs/sigma_0.25 missed the stamped rocket.png (640 px) at its former margin 3.47 and reads it at −3.98, the margin
+#: the product stage calibrated on all 14 pipelines.
+SAMPLES_LOST: dict[str, str] = {}
 
 
 def _models_losing_large_photos(more: dict | None = None):
